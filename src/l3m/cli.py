@@ -1,0 +1,313 @@
+"""The ``l3m`` command line: ``train``, ``generate``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from l3m.errors import L3MUserError, NonFiniteError
+
+logger = logging.getLogger("l3m")
+
+
+def _demo_config_path() -> Path:
+    return Path(str(resources.files("l3m") / "configs" / "demo.yaml"))
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def build_run(cfg: dict) -> dict[str, Any]:
+    """Everything a run needs, from a validated config: args, model, tokenizer, data, constraints."""
+    from l3m.config import L3MConfig
+    from l3m.constraints import build_constraints
+    from l3m.data import load_examples, split_heldout
+    from l3m.models import check_model_exists, load_causal_lm, load_tokenizer
+    from l3m.runconfig import resolve_data_path
+
+    model_name = cfg.get("model", "default")
+    check_model_exists(model_name)
+    training = dict(cfg.get("training") or {})
+    resume = training.pop("resume_from_checkpoint", None)
+    training.setdefault("output_dir", "runs/l3m")
+    try:
+        args = L3MConfig(**training)
+    except (ValueError, TypeError) as exc:
+        raise L3MUserError(f"training: {exc}") from None
+    base = cfg.get("_base_dir", ".")
+    data = cfg.get("data") or {}
+    train = load_examples(resolve_data_path(data["train"], base), need_response=True)
+    heldout = None
+    if data.get("heldout_fraction"):
+        train, heldout = split_heldout(train, float(data["heldout_fraction"]), seed=args.seed)
+    if data.get("eval") is not None:
+        heldout = load_examples(resolve_data_path(data["eval"], base), need_response=True)
+    prompts = None
+    if data.get("prompts") is not None:
+        prompts = load_examples(resolve_data_path(data["prompts"], base), need_response=False)
+    constraints = build_constraints(cfg.get("constraints"), device=args.device)
+    trust = bool(cfg.get("trust_remote_code", False))
+    tok = load_tokenizer(model_name, trust_remote_code=trust)
+    model = load_causal_lm(model_name, dtype=cfg.get("dtype"), trust_remote_code=trust)
+    peft_config = None
+    if cfg.get("peft"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **cfg["peft"])
+    return dict(
+        args=args,
+        model=model,
+        tokenizer=tok,
+        train=train,
+        heldout=heldout,
+        prompts=prompts,
+        constraints=constraints,
+        peft_config=peft_config,
+        resume=resume,
+    )
+
+
+def _resume_hint(config_path: str | None, overrides: list[str]) -> str:
+    parts = ["l3m train", config_path or "CONFIG.yaml", *[o for o in overrides if "resume_from_checkpoint" not in o]]
+    return " ".join(parts + ["training.resume_from_checkpoint=true"])
+
+
+def run_train(config_path: str | None, overrides: list[str], quiet: bool = False) -> dict:
+    """Train from a YAML config; returns the run summary (also written to ``summary.json``)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from l3m.runconfig import load_run_config
+    from l3m.trainer import L3MTrainer
+
+    cfg = load_run_config(config_path, overrides)
+    run = build_run(cfg)
+    args = run["args"]
+    resume = run["resume"]
+    if resume is True or (isinstance(resume, str) and resume.lower() in ("true", "last")):
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if resume is None:
+            raise L3MUserError(f"training.resume_from_checkpoint: no checkpoint found in '{args.output_dir}'")
+    elif resume in (False, None, "false"):
+        resume = None
+    trainer = L3MTrainer(
+        run["model"],
+        args=args,
+        train_dataset=run["train"],
+        eval_dataset=run["heldout"],
+        processing_class=run["tokenizer"],
+        constraints=run["constraints"],
+        prompt_dataset=run["prompts"],
+        peft_config=run["peft_config"],
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteError as exc:
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        os.makedirs(args.output_dir, exist_ok=True)
+        dump = os.path.join(args.output_dir, f"nonfinite-step-{trainer.state.global_step}.json")
+        with open(dump, "w") as f:
+            json.dump(
+                {
+                    "error": str(exc),
+                    "step": trainer.state.global_step,
+                    "prompt": exc.prompt,
+                    "completion": exc.completion,
+                },
+                f,
+                indent=2,
+            )
+        where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+        raise L3MUserError(
+            f"training stopped at step {trainer.state.global_step}: {exc}. No optimiser step was taken on it; "
+            f"{where}. The offending prompt and response are in {dump}. Fix the reward or data, then resume with: "
+            f"{_resume_hint(config_path, overrides)}"
+        ) from None
+    except KeyboardInterrupt:
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        print(
+            f"\ninterrupted; last checkpoint: {last}. Resume with: {_resume_hint(config_path, overrides)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    except Exception:
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        print(
+            f"\ntraining failed; last checkpoint: {last}. Resume with: {_resume_hint(config_path, overrides)}",
+            file=sys.stderr,
+        )
+        raise
+    trainer.save_model(args.output_dir)
+    summary = {
+        "output_dir": args.output_dir,
+        "steps": trainer.state.global_step,
+        "constraints": trainer.constraint_summary(),
+        "metrics_file": os.path.join(args.output_dir, "metrics.jsonl"),
+    }
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if not quiet:
+            _print_summary(summary)
+    summary["_trainer"] = trainer
+    summary["_heldout"] = run["heldout"]
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]model saved to[/bold] {summary['output_dir']}  (metrics: {summary['metrics_file']})")
+    if summary["constraints"]:
+        table = Table(title="constraints on the last training step's samples")
+        for col in ("constraint", "C estimate", "lambda", "mean", "holds"):
+            table.add_column(col)
+        for c in summary["constraints"]:
+            table.add_row(
+                c["constraint"],
+                f"{c['value']:.4g}",
+                f"{c['lambda']:.4g}",
+                f"{c['mean_raw']:.4g}",
+                "yes" if c["holds"] else "NO",
+            )
+        console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def run_generate(ns: argparse.Namespace) -> None:
+    from l3m.data import Example, load_examples
+    from l3m.evaluation import sample_responses
+    from l3m.models import check_model_exists, load_causal_lm, load_tokenizer
+
+    check_model_exists(ns.model, "--model")
+    if ns.prompts_file:
+        examples = load_examples(ns.prompts_file, need_response=False)
+    elif ns.prompt:
+        examples = [Example(prompt=[{"role": "user", "content": p}], response=None) for p in ns.prompt]
+    else:
+        raise L3MUserError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    tok = load_tokenizer(ns.model)
+    model = load_causal_lm(ns.model)
+    s = sample_responses(
+        model,
+        tok,
+        examples,
+        k=ns.num_samples,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        seed=ns.seed,
+        progress=len(examples) > 8,
+    )
+    b = s.batch
+    for i, comp in enumerate(b.completions):
+        if ns.json:
+            print(json.dumps({"prompt": b.prompts[i], "completion": comp, "length": int(b.lengths[i])}))
+        else:
+            print(f"### {b.prompts[i]}\n{comp}\n[{int(b.lengths[i])} tokens]\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+
+
+def run_demo(ns: argparse.Namespace) -> None:
+    from l3m.constraints import build_constraints
+    from l3m.evaluation import constraint_report, sample_responses
+
+    overrides = [f"training.output_dir={ns.output_dir}"]
+    if ns.max_steps:
+        overrides.append(f"training.max_steps={ns.max_steps}")
+    cfg_path = str(_demo_config_path())
+    print(f"l3m demo: SmolLM2-135M-Instruct on the built-in data, constrained by {cfg_path}")
+    summary = run_train(cfg_path, overrides)
+    trainer = summary["_trainer"]
+    heldout = summary["_heldout"][: ns.eval_prompts]
+    import yaml
+
+    specs = yaml.safe_load(open(cfg_path))["constraints"]
+    cons = build_constraints(specs)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    samples = sample_responses(
+        model,
+        trainer.processing_class,
+        heldout,
+        k=2,
+        max_new_tokens=trainer.args.max_new_tokens,
+        temperature=trainer.args.temperature,
+    )
+    report = constraint_report(cons, samples)
+    first = json.loads(open(summary["metrics_file"]).readline())
+    with open(os.path.join(ns.output_dir, "heldout_constraints.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print()
+    print(f"checkpoint (loads with AutoModelForCausalLM.from_pretrained): {ns.output_dir}")
+    print(f"metrics: {summary['metrics_file']}")
+    print(f"mean sampled length at the first step: {first.get('sample/mean_length', float('nan')):.1f} tokens")
+    for r in report:
+        lo, hi = r["ci95"]
+        print(
+            f"held-out ({len(heldout)} prompts x 2 samples): {r['constraint']}: mean {r['mean_raw']:.1f} tokens, "
+            f"C = {r['value']:.3g} (95% CI {lo:.3g} .. {hi:.3g}) -> {r['verdict'].upper()}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="l3m", description="Fine-tune LLMs under average constraints (L3Ms).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config: l3m train CONFIG.yaml [key=value ...]")
+    t.add_argument("config", help="YAML run config (see the README's config reference)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=10 model=./my-model")
+
+    g = sub.add_parser("generate", help="sample responses from a model")
+    g.add_argument("--model", default="default", help="hub name, local directory, or 'default'")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="a data file whose prompts to use")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    d = sub.add_parser("demo", help="the embedded default: SmolLM2-135M-Instruct, built-in data, a length limit")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--max-steps", type=int, default=None)
+    d.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts to check the constraint on")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = make_parser().parse_args(argv)
+    try:
+        if ns.command == "train":
+            run_train(ns.config, ns.overrides)
+        elif ns.command == "generate":
+            run_generate(ns)
+        elif ns.command == "demo":
+            run_demo(ns)
+    except L3MUserError as exc:
+        print(f"l3m: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""``L3MConfig``: the training arguments of transformers plus those of the L3M method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class L3MConfig(TrainingArguments):
+    """Configuration of :class:`l3m.L3MTrainer`.
+
+    Everything ``transformers.TrainingArguments`` offers (optimiser, schedule, precision, accumulation,
+    checkpointing, ``report_to``) applies unchanged; the fields below control sampling and the barrier.
+    Defaults marked (ours) are this project's choices where the paper is silent (see method.md).
+    """
+
+    # --- sampling from the policy (the constraints are averages over the model's own responses)
+    num_generations: int = field(
+        default=4, metadata={"help": "Samples per prompt (k >= 2, for the leave-one-out baseline)."}
+    )
+    prompt_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts sampled per micro-batch and process; default per_device_train_batch_size."},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled response, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    # --- task data
+    max_length: int = field(
+        default=512, metadata={"help": "Longest task sequence (prompt + reference response), in tokens."}
+    )
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Longest prompt; longer prompts keep their last tokens (a warning counts them)."}
+    )
+    # --- the relaxed log-barrier (method.md sections 2-3)
+    mu_init: float = field(default=1.0, metadata={"help": "Barrier parameter mu at the first step (ours: 1)."})
+    mu_min: float = field(
+        default=0.01,
+        metadata={"help": "mu at the last step; mu decays exponentially each optimiser step (ours: 0.01)."},
+    )
+    barrier_s: float | None = field(
+        default=None, metadata={"help": "Relaxation point s of the barrier; None uses s = mu**2, as the paper does."}
+    )
+    constraint_ema: float = field(
+        default=0.0,
+        metadata={"help": "EMA factor for the estimates C_i across steps (0 = this step's samples only; ours: 0)."},
+    )
+    baseline: str = field(
+        default="leave_one_out",
+        metadata={"help": "Score-function baseline: 'leave_one_out' (ours, default) or 'none'."},
+    )
+    infeasible_patience: int = field(
+        default=0,
+        metadata={
+            "help": "Warn once when a constraint stays violated this many consecutive steps (0 = a quarter "
+            "of the run, at least 10)."
+        },
+    )
+    # --- housekeeping (TrainingArguments defaults that do not suit this trainer)
+    logging_steps: float = field(default=1, metadata={"help": "Log every this many optimiser steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the trainer needs its own columns (prompt ids, masks)."}
+    )
+    report_to: str | list[str] | None = field(
+        default="none", metadata={"help": "Integrations to report to (e.g. 'tensorboard', 'wandb'); 'none' by default."}
+    )
+    save_strategy: str = field(default="steps", metadata={"help": "When to save checkpoints."})
+    save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every this many optimiser steps."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_generations < 2 and self.baseline == "leave_one_out":
+            raise ValueError("num_generations must be >= 2 for the leave-one-out baseline")
+        if self.baseline not in ("leave_one_out", "none"):
+            raise ValueError(f"baseline must be 'leave_one_out' or 'none', got {self.baseline!r}")
+        if not 0 <= self.constraint_ema < 1:
+            raise ValueError(f"constraint_ema must be in [0, 1), got {self.constraint_ema}")
+        if not (0 < self.mu_min <= self.mu_init):
+            raise ValueError(f"need 0 < mu_min <= mu_init, got mu_min={self.mu_min}, mu_init={self.mu_init}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")

@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from l3m.cli import main
+
+
+def write_cfg(tmp_path, cfg):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    return str(f)
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"constraints": [{"kind": "lenght", "max": 5}]}, "unknown constraint kind 'lenght' (did you mean 'length'"),
+        ({"constraints": [{"kind": "length", "min": 9, "max": 5}]}, "min (9) is greater than max (5)"),
+        ({"data": {"train": "missing.jsonl"}}, "data file 'missing.jsonl' does not exist"),
+        ({"training": {"max_step": 5}}, "unknown key 'max_step' (did you mean 'max_steps'"),
+        ({"modle": "x"}, "did you mean 'model'"),
+        ({"model": "/no/such/model/dir"}, "model directory '/no/such/model/dir' does not exist"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path, data_file, capsys, patch, message):
+    cfg = {"model": "default", "data": {"train": data_file}, "training": {"output_dir": str(tmp_path / "o")}}
+    cfg.update(patch)
+    assert main(["train", write_cfg(tmp_path, cfg)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_data_row_names_file_and_line(tmp_path, capsys, tiny_model):
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q2"}\n')
+    cfg = {"model": str(tiny_model), "data": {"train": str(f)}, "training": {"output_dir": str(tmp_path / "o")}}
+    assert main(["train", write_cfg(tmp_path, cfg)]) == 1
+    assert "rows.jsonl:2" in capsys.readouterr().err
+
+
+def test_unknown_hub_model_fails_before_loading(tmp_path, data_file):
+    cfg = {"model": "no-such-org-l3m/no-such-model", "data": {"train": data_file},
+           "training": {"output_dir": str(tmp_path / "o")}}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "l3m.cli", "train", write_cfg(tmp_path, cfg)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert "model 'no-such-org-l3m/no-such-model' was not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_overrides_and_scientific_numbers():
+    from l3m.runconfig import apply_overrides, fix_numbers
+
+    cfg = fix_numbers(apply_overrides({"training": {}}, ["training.learning_rate=5e-5", "training.max_steps=3"]))
+    assert cfg["training"] == {"learning_rate": 5e-5, "max_steps": 3}

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from l3m import FunctionConstraint, L3MUserError, LengthConstraint, NonFiniteError, RewardConstraint, SampleBatch
+from l3m.constraints import build_constraints, evaluate_constraints, leave_one_out_baseline, validate_constraint_specs
+
+
+def batch(lengths, completions=None):
+    n = len(lengths)
+    return SampleBatch(
+        prompts=["p"] * n,
+        completions=completions or ["x" * length for length in lengths],
+        completion_ids=[[0] * length for length in lengths],
+        lengths=torch.tensor(lengths),
+        group_ids=torch.arange(n // 2).repeat_interleave(2),
+    )
+
+
+def char_count(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def test_length_constraint_values_and_scale():
+    b = batch([10, 30, 50, 70])
+    hi = LengthConstraint(40, "max")
+    lo = LengthConstraint(20, "min", scale=10)
+    raw, c = evaluate_constraints([hi, lo], b)
+    assert c[:, 0].tolist() == [-30, -10, 10, 30]
+    assert c[:, 1].tolist() == pytest.approx([1.0, -1.0, -3.0, -5.0])
+    assert raw[:, 0].tolist() == [10, 30, 50, 70]
+
+
+def test_reward_at_least_and_at_most():
+    b = batch([2, 4], completions=["ab", "abcd"])
+    at_least = RewardConstraint(char_count, at_least=3)
+    at_most = RewardConstraint(char_count, at_most=3, name="short")
+    _, c = evaluate_constraints([at_least, at_most], b)
+    assert c[:, 0].tolist() == [1.0, -1.0]
+    assert c[:, 1].tolist() == [-1.0, 1.0]
+    assert at_least.name == "char_count" and at_most.name == "short"
+
+
+def test_reward_called_once_per_step_when_shared():
+    calls = []
+
+    def reward(prompts, completions, **kw):
+        calls.append(1)
+        return [1.0] * len(completions)
+
+    evaluate_constraints([RewardConstraint(reward, at_least=0), RewardConstraint(reward, at_most=2, name="b")],
+                         batch([1, 2]))
+    assert len(calls) == 1
+
+
+def test_function_constraint_default_is_c_equals_f():
+    _, c = evaluate_constraints([FunctionConstraint(char_count)], batch([1, 3]))
+    assert c[:, 0].tolist() == [1.0, 3.0]
+
+
+def test_non_finite_reward_raises_with_the_offending_sample():
+    def bad(prompts, completions, **kw):
+        return [1.0, float("nan")]
+
+    with pytest.raises(NonFiniteError) as err:
+        evaluate_constraints([RewardConstraint(bad, at_least=0)], batch([1, 2], ["ok", "bad one"]))
+    assert err.value.completion == "bad one"
+
+
+def test_leave_one_out_baseline():
+    values = torch.tensor([[1.0], [3.0], [10.0], [20.0], [30.0], [0.0]])
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    with pytest.raises(ValueError):
+        leave_one_out_baseline(values, groups)
+    groups = torch.tensor([0, 0, 1, 1, 1, 1])
+    base = leave_one_out_baseline(values, groups)
+    assert base[:, 0].tolist() == pytest.approx([3.0, 1.0, 50 / 3, 40 / 3, 30 / 3, 60 / 3])
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"kind": "lenght", "max": 3}, "did you mean 'length'"),
+        ({"kind": "length", "min": 50, "max": 10}, "greater than max"),
+        ({"kind": "length"}, "needs 'min', 'max'"),
+        ({"kind": "length", "maxx": 3}, "did you mean 'max'"),
+        ({"kind": "reward", "function": "m:f"}, "at_least"),
+        ({"kind": "reward", "at_least": 1}, "exactly one of 'model' or 'function'"),
+        ({"kind": "length", "max": "ten"}, "must be a number"),
+    ],
+)
+def test_bad_specs_get_clear_errors(spec, message):
+    with pytest.raises(L3MUserError, match=message):
+        validate_constraint_specs([spec])
+
+
+def test_build_from_specs(tmp_path, monkeypatch):
+    (tmp_path / "myrewards.py").write_text(
+        "def brevity(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cons = build_constraints(
+        [
+            {"kind": "length", "min": 5, "max": 40},
+            {"kind": "reward", "function": "myrewards:brevity", "at_least": -100, "name": "brevity"},
+            {"kind": "function", "function": f"{tmp_path / 'myrewards.py'}:brevity", "name": "fn"},
+        ]
+    )
+    assert [c.name for c in cons] == ["length_min", "length_max", "brevity", "fn"]
+    _, c = evaluate_constraints(cons, batch([10, 20], ["a" * 10, "b" * 20]))
+    assert c[:, 2].tolist() == [-90.0, -80.0]
+    with pytest.raises(L3MUserError, match="no function 'nope'"):
+        build_constraints([{"kind": "function", "function": "myrewards:nope"}])
