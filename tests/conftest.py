@@ -7,6 +7,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # the test models are tiny: one thread is as fast and never oversubscribes the CPU
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -30,7 +34,7 @@ def talking_model(tmp_path_factory, tiny_model, counting_rows) -> Path:
     from l3m import L3MConfig, L3MTrainer
 
     out = tmp_path_factory.mktemp("talking") / "model"
-    args = L3MConfig(output_dir=str(out), max_steps=60, per_device_train_batch_size=8, learning_rate=3e-3,
+    args = L3MConfig(output_dir=str(out), max_steps=100, per_device_train_batch_size=8, learning_rate=1e-2,
                      save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, report_to="none")
     trainer = L3MTrainer(str(tiny_model), args=args, train_dataset=counting_rows * 4)
     trainer.train()
