@@ -1,4 +1,5 @@
-"""The ``l3m`` command line: ``train``, ``generate``, ``demo``."""
+"""The ``l3m`` command line: ``train``, ``train-reward``, ``generate``, ``demo``, ``evaluate``, ``report``,
+``merge``."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
     from transformers.trainer_utils import get_last_checkpoint
 
     from l3m.runconfig import load_run_config
-    from l3m.trainer import L3MTrainer
+    from l3m.trainer import ConstraintFunctionError, L3MTrainer
 
     cfg = load_run_config(config_path, overrides)
     run = build_run(cfg)
@@ -108,26 +109,26 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
     )
     try:
         trainer.train(resume_from_checkpoint=resume)
-    except NonFiniteError as exc:
+    except (NonFiniteError, ConstraintFunctionError) as exc:
         last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         os.makedirs(args.output_dir, exist_ok=True)
-        dump = os.path.join(args.output_dir, f"nonfinite-step-{trainer.state.global_step}.json")
+        kind = "nonfinite" if isinstance(exc, NonFiniteError) else "reward-error"
+        rank = f"-rank{trainer.accelerator.process_index}" if trainer.accelerator.num_processes > 1 else ""
+        dump = os.path.join(args.output_dir, f"{kind}-step-{trainer.state.global_step}{rank}.json")
+        record = {"error": str(exc), "step": trainer.state.global_step, "last_checkpoint": last,
+                  "prompt": exc.prompt, "completion": exc.completion}
+        if isinstance(exc, ConstraintFunctionError):
+            record.update(samples=exc.samples, traceback=exc.details)
         with open(dump, "w") as f:
-            json.dump(
-                {
-                    "error": str(exc),
-                    "step": trainer.state.global_step,
-                    "prompt": exc.prompt,
-                    "completion": exc.completion,
-                },
-                f,
-                indent=2,
-            )
+            json.dump(record, f, indent=2)
         where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
+        what = "The offending prompt and response are" if isinstance(exc, NonFiniteError) else (
+            "The samples it was scoring, and its traceback, are"
+        )
         raise L3MUserError(
             f"training stopped at step {trainer.state.global_step}: {exc}. No optimiser step was taken on it; "
-            f"{where}. The offending prompt and response are in {dump}. Fix the reward or data, then resume with: "
-            f"{_resume_hint(config_path, overrides)}"
+            f"{where}. {what} in {dump}. Fix the reward or data, then "
+            + (f"resume with: {_resume_hint(config_path, overrides)}" if last else "run the same command again")
         ) from None
     except KeyboardInterrupt:
         last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
@@ -179,6 +180,15 @@ def _print_summary(summary: dict) -> None:
                 "yes" if c["holds"] else "NO",
             )
         console.print(table)
+        for c in summary["constraints"]:
+            w = c.get("infeasible_warning")
+            if w:
+                console.print(
+                    f"[bold yellow]warning:[/bold yellow] {c['constraint']} was violated for {w['violated_steps']} "
+                    f"consecutive steps by step {w['step']} (C = {w['value']:.4g}, mean {w['mean_raw']:.4g}, "
+                    f"lambda = {w['lambda']:.4g}, mu = {w['mu']:.3g}): it may be infeasible for this model and "
+                    "data, or need more steps"
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +299,27 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--max-steps", type=int, default=None)
     d.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts to check the constraint on")
+
+    mg = sub.add_parser("merge", help="merge a LoRA adapter into its base model: l3m merge ADAPTER_DIR OUT_DIR")
+    mg.add_argument("adapter_dir", help="a run's output directory or checkpoint trained with a 'peft:' block")
+    mg.add_argument("out_dir", help="where to write the merged model (safetensors) and its tokenizer")
+    mg.add_argument("--base", default=None, help="the base model, if not the one named in adapter_config.json")
+    mg.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "auto"], help="dtype of the result")
+
+    w = sub.add_parser("train-reward", help="train a Bradley-Terry reward model from preference pairs")
+    w.add_argument("config", help="YAML config: model, data (preference files), peft, training (see the README)")
+    w.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.num_train_epochs=2")
+
+    from l3m.evaluation import add_evaluate_arguments
+
+    e = sub.add_parser("evaluate", help="task log-perplexity and constraint verdicts on held-out data")
+    add_evaluate_arguments(e)
+
+    r = sub.add_parser("report", help="PNG plots and a Markdown page from training runs and evaluate's JSON")
+    r.add_argument("runs", nargs="*", help="run directories (with metrics.jsonl)")
+    r.add_argument("--eval", action="append", default=[], help="a JSON file written by `l3m evaluate -o` (repeatable)")
+    r.add_argument("--output-dir", "-o", default="report", help="where to write report.md and the PNGs")
+    r.add_argument("--title", default="l3m report")
     return p
 
 
@@ -303,6 +334,23 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(ns)
         elif ns.command == "demo":
             run_demo(ns)
+        elif ns.command == "merge":
+            from l3m.merge import merge_adapter
+
+            out = merge_adapter(ns.adapter_dir, ns.out_dir, base=ns.base, dtype=ns.dtype)
+            print(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+        elif ns.command == "train-reward":
+            from l3m.reward_training import run_train_reward
+
+            run_train_reward(ns.config, ns.overrides)
+        elif ns.command == "evaluate":
+            from l3m.evaluation import run_evaluate
+
+            run_evaluate(ns)
+        elif ns.command == "report":
+            from l3m.report import run_report
+
+            run_report(ns)
     except L3MUserError as exc:
         print(f"l3m: error: {exc}", file=sys.stderr)
         return 1

@@ -35,6 +35,14 @@ class L3MConfig(TrainingArguments):
     max_prompt_length: int = field(
         default=256, metadata={"help": "Longest prompt; longer prompts keep their last tokens (a warning counts them)."}
     )
+    task_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Include the task (SFT) loss L in the objective. False optimises the constraint terms alone (the "
+            "same work as a GRPO step, e.g. for benchmarks); it then needs at least one constraint. None (default): "
+            "True for method 'l3m', False for method 'minimax' (the MM baseline starts from an SFT model)."
+        },
+    )
     # --- the relaxed log-barrier (method.md sections 2-3)
     mu_init: float = field(default=1.0, metadata={"help": "Barrier parameter mu at the first step (ours: 1)."})
     mu_min: float = field(
@@ -57,6 +65,36 @@ class L3MConfig(TrainingArguments):
         metadata={
             "help": "Warn once when a constraint stays violated this many consecutive steps (0 = a quarter "
             "of the run, at least 10)."
+        },
+    )
+    # --- the minimax (MM) baseline (method.md section 6): min_theta max_{lambda >= 0} beta KL(pi || pi_ref) + lambda.C
+    method: str = field(
+        default="l3m",
+        metadata={
+            "help": "'l3m': the relaxed log-barrier (lambda_i = B'(C_i)/m). 'minimax': the saddle-point baseline: "
+            "a KL penalty to a reference (SFT) model and multipliers by projected gradient ascent."
+        },
+    )
+    ref_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "minimax: the reference (SFT) model, a name or path; None uses a frozen copy of the initial "
+            "model (with LoRA: the model with its adapters disabled)."
+        },
+    )
+    beta: float = field(
+        default=0.05, metadata={"help": "minimax: weight beta of KL(pi || pi_ref) (a heuristic knob; ours: 0.05)."}
+    )
+    multiplier_lr: float = field(
+        default=0.1,
+        metadata={"help": "minimax: step size eta of the ascent lambda_i <- max(0, lambda_i + eta * C_i) (ours: 0.1)."},
+    )
+    multiplier_init: float = field(default=1.0, metadata={"help": "minimax: lambda_i at the first step (ours: 1)."})
+    multiplier_update: str = field(
+        default="projected",
+        metadata={
+            "help": "minimax: 'projected' (lambda <- max(0, lambda + eta C)) or 'log' (ascent on log lambda: "
+            "lambda <- lambda * exp(eta C), always > 0)."
         },
     )
     # --- housekeeping (TrainingArguments defaults that do not suit this trainer)
@@ -82,3 +120,13 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"need 0 < mu_min <= mu_init, got mu_min={self.mu_min}, mu_init={self.mu_init}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.method not in ("l3m", "minimax"):
+            raise ValueError(f"method must be 'l3m' or 'minimax', got {self.method!r}")
+        if self.task_loss is None:
+            self.task_loss = self.method == "l3m"
+        if self.beta < 0 or self.multiplier_lr < 0 or self.multiplier_init < 0:
+            raise ValueError("beta, multiplier_lr and multiplier_init must be >= 0")
+        if self.multiplier_update not in ("projected", "log"):
+            raise ValueError(f"multiplier_update must be 'projected' or 'log', got {self.multiplier_update!r}")
+        if self.multiplier_update == "log" and self.multiplier_init <= 0:
+            raise ValueError("multiplier_update 'log' needs multiplier_init > 0")

@@ -7,15 +7,21 @@ at or above 0, **undecided** when it straddles 0.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from l3m.constraints import Constraint, SampleBatch, evaluate_constraints
 from l3m.data import Example, pad, prompt_ids, tokenize_examples
+from l3m.errors import L3MUserError
 from l3m.logprobs import eos_token_ids, token_logprobs
 
 
@@ -122,6 +128,10 @@ def constraint_report(constraints: Sequence[Constraint], samples: Samples, n_boo
         rows.append(
             {
                 "name": con.name,
+                "kind": con.kind,
+                "direction": con.direction,
+                "threshold": con.threshold,
+                "scale": con.scale,
                 "constraint": con.describe(),
                 "value": float(c[:, i].mean()),
                 "ci95": [lo, hi],
@@ -157,3 +167,309 @@ def mean_std(x: torch.Tensor) -> tuple[float, float]:
     if x.numel() == 0:
         return math.nan, math.nan
     return float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-model evaluation: numbers (JSON), a Markdown table, a terminal table
+
+
+def length_stats(lengths: Sequence[int] | torch.Tensor, max_new_tokens: int | None = None) -> dict:
+    """Distribution of response lengths in tokens: mean, std, min, quartiles, max, 5th/95th percentiles."""
+    x = torch.as_tensor(lengths, dtype=torch.float64).flatten()
+    if x.numel() == 0:
+        return {"n": 0}
+    q = torch.quantile(x, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)).tolist()
+    out = {
+        "n": int(x.numel()),
+        "mean": float(x.mean()),
+        "std": float(x.std()) if x.numel() > 1 else 0.0,
+        "min": float(x.min()),
+        "p5": q[0],
+        "q1": q[1],
+        "median": q[2],
+        "q3": q[3],
+        "p95": q[4],
+        "max": float(x.max()),
+    }
+    if max_new_tokens is not None:
+        out["clipped_ratio"] = float((x >= max_new_tokens).double().mean())
+    return out
+
+
+def load_constraint_specs(path: str | os.PathLike) -> list[dict]:
+    """Constraint entries from a YAML/JSON list, or from a run config's ``constraints:`` section."""
+    p = Path(path)
+    if not p.is_file():
+        raise L3MUserError(f"constraints file '{path}' does not exist")
+    try:
+        doc = yaml.safe_load(p.read_text())  # JSON is YAML
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise L3MUserError(f"{where}: invalid YAML/JSON ({getattr(exc, 'problem', exc)})") from None
+    if isinstance(doc, dict):
+        if "constraints" not in doc:
+            raise L3MUserError(f"{path}: a mapping needs a 'constraints:' list (a run config), or give a plain list")
+        doc = doc["constraints"]
+    if doc is None:
+        return []
+    if not isinstance(doc, list):
+        raise L3MUserError(f"{path}: expected a list of constraint entries, got {type(doc).__name__}")
+    from l3m.runconfig import fix_numbers
+
+    return fix_numbers(doc)
+
+
+def training_warnings(model_dir: str | os.PathLike) -> list[str]:
+    """Names of constraints the training run warned might be infeasible (from its ``summary.json``)."""
+    p = Path(model_dir) / "summary.json"
+    if not p.is_file():
+        return []
+    try:
+        summary = json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError):
+        return []
+    return [c["name"] for c in summary.get("constraints") or [] if c.get("warned_infeasible")]
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    constraints: Sequence[Constraint],
+    heldout: Sequence[Example] | None = None,
+    prompts: Sequence[Example] | None = None,
+    k: int = 2,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    n_boot: int = 2000,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    progress: bool = True,
+    name: str = "model",
+    warned: Sequence[str] = (),
+) -> dict:
+    """Task log-perplexity on ``heldout`` and constraint verdicts on ``k`` samples per prompt.
+
+    Prompts to sample from are ``prompts`` if given, else the prompts of ``heldout``.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    t0 = time.perf_counter()
+    result: dict = {
+        "model": name,
+        "k": k,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+    }
+    if heldout:
+        nll = task_logppl(model, tokenizer, heldout, batch_size=batch_size, max_length=max_length, progress=progress)
+        m, s = mean_std(nll)
+        result["task_logppl"] = {"n": int(nll.numel()), "mean": m, "std": s, "per_example": nll.tolist()}
+    sample_from = list(prompts) if prompts else list(heldout or [])
+    if sample_from:
+        samples = sample_responses(
+            model,
+            tokenizer,
+            sample_from,
+            k=k,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            seed=seed,
+            progress=progress,
+        )
+        result["n_prompts"] = len(sample_from)
+        lengths = samples.batch.lengths.tolist()
+        result["lengths"] = {**length_stats(lengths, max_new_tokens), "values": lengths}
+        rows = constraint_report(constraints, samples, n_boot=n_boot) if constraints else []
+        for r in rows:
+            r["warned_infeasible_in_training"] = r["name"] in warned
+        result["constraints"] = rows
+        result["examples"] = [
+            {"prompt": samples.batch.prompts[i], "completion": samples.batch.completions[i], "length": lengths[i]}
+            for i in range(min(4 * k, len(lengths)))
+        ]
+    result["warnings"] = [
+        f"training warned that constraint '{w}' may be infeasible (violated for many consecutive steps)" for w in warned
+    ]
+    result["time_s"] = time.perf_counter() - t0
+    return result
+
+
+def _fmt_ci(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """One Markdown page section: per model its perplexity and lengths, then one row per constraint."""
+    lines = [
+        "| model | task log-ppl (mean ± std) | mean length (tokens) | length median [min, max] | clipped "
+        "| prompts × k |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ppl = r.get("task_logppl")
+        ppl_s = f"{ppl['mean']:.3f} ± {ppl['std']:.3f} (n={ppl['n']})" if ppl else "—"
+        ln = r.get("lengths") or {}
+        if ln.get("n"):
+            len_s = f"{ln['mean']:.1f} ± {ln['std']:.1f}"
+            dist = f"{ln['median']:.0f} [{ln['min']:.0f}, {ln['max']:.0f}]"
+            clip = f"{100 * ln.get('clipped_ratio', 0):.0f}%"
+            n = f"{r['n_prompts']} × {r['k']}"
+        else:
+            len_s = dist = clip = n = "—"
+        lines.append(f"| {r['model']} | {ppl_s} | {len_s} | {dist} | {clip} | {n} |")
+    crow = [
+        "",
+        "| model | constraint | C estimate | 95% CI (bootstrap over prompts) | mean raw | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    any_c = False
+    for r in results:
+        for c in r.get("constraints") or []:
+            any_c = True
+            flag = " ⚠ warned infeasible in training" if c.get("warned_infeasible_in_training") else ""
+            crow.append(
+                f"| {r['model']} | {c['constraint']} | {c['value']:.3g} | {_fmt_ci(c['ci95'])} | "
+                f"{c['mean_raw']:.3g} | **{c['verdict']}**{flag} |"
+            )
+    if any_c:
+        lines += crow
+    return "\n".join(lines) + "\n"
+
+
+def print_rich(results: Sequence[dict], console=None) -> None:
+    """The same numbers as :func:`markdown_table`, as tables in the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title="held-out evaluation")
+    for col in ("model", "task log-ppl", "mean length", "median [min, max]", "clipped", "prompts × k"):
+        t.add_column(col)
+    for r in results:
+        ppl = r.get("task_logppl")
+        ln = r.get("lengths") or {}
+        t.add_row(
+            r["model"],
+            f"{ppl['mean']:.3f} ± {ppl['std']:.3f}" if ppl else "-",
+            f"{ln['mean']:.1f} ± {ln['std']:.1f}" if ln.get("n") else "-",
+            f"{ln['median']:.0f} [{ln['min']:.0f}, {ln['max']:.0f}]" if ln.get("n") else "-",
+            f"{100 * ln.get('clipped_ratio', 0):.0f}%" if ln.get("n") else "-",
+            f"{r.get('n_prompts', 0)} × {r['k']}",
+        )
+    console.print(t)
+    rows = [(r, c) for r in results for c in r.get("constraints") or []]
+    if rows:
+        ct = Table(title="constraints (95% bootstrap CI over prompts)")
+        for col in ("model", "constraint", "C", "95% CI", "mean raw", "verdict"):
+            ct.add_column(col)
+        colour = {"holds": "green", "violated": "red", "undecided": "yellow"}
+        for r, c in rows:
+            v = f"[{colour[c['verdict']]}]{c['verdict']}[/]"
+            if c.get("warned_infeasible_in_training"):
+                v += " [red](warned infeasible in training)[/]"
+            ct.add_row(r["model"], c["constraint"], f"{c['value']:.3g}", _fmt_ci(c["ci95"]), f"{c['mean_raw']:.3g}", v)
+        console.print(ct)
+    for r in results:
+        for w in r.get("warnings") or []:
+            console.print(f"[yellow]warning[/yellow] ({r['model']}): {w}")
+
+
+def run_evaluate(ns) -> list[dict]:
+    """``l3m evaluate``: the CLI entry point (arguments from :func:`add_evaluate_arguments`)."""
+    from l3m.constraints import build_constraints, validate_constraint_specs
+    from l3m.data import load_examples
+    from l3m.models import check_model_exists, load_causal_lm, load_tokenizer
+    from l3m.runconfig import resolve_data_path
+
+    specs: list[dict] = []
+    base = "."
+    if ns.config:
+        specs = load_constraint_specs(ns.config)
+        base = str(Path(ns.config).parent)
+    if ns.constraints:
+        specs = specs + load_constraint_specs(ns.constraints)
+    validate_constraint_specs(specs)
+    if not ns.data and not ns.prompts:
+        raise L3MUserError("give held-out data (--data FILE|builtin:heldout) and/or prompts (--prompts FILE)")
+    for m in ns.model:
+        check_model_exists(m, "--model")
+    heldout = load_examples(resolve_data_path(ns.data, base), need_response=True) if ns.data else None
+    prompts = load_examples(resolve_data_path(ns.prompts, base), need_response=False) if ns.prompts else None
+    if ns.limit:
+        heldout = heldout[: ns.limit] if heldout else heldout
+        prompts = prompts[: ns.limit] if prompts else prompts
+    constraints = build_constraints(specs)
+    results = []
+    for m in ns.model:
+        tok = load_tokenizer(m)
+        model = load_causal_lm(m)
+        results.append(
+            evaluate_model(
+                model,
+                tok,
+                constraints,
+                heldout,
+                prompts,
+                k=ns.num_samples,
+                max_new_tokens=ns.max_new_tokens,
+                temperature=ns.temperature,
+                top_p=ns.top_p,
+                batch_size=ns.batch_size,
+                seed=ns.seed,
+                n_boot=ns.n_boot,
+                progress=not ns.quiet,
+                name=ns.name if ns.name and len(ns.model) == 1 else str(m),
+                warned=training_warnings(m) if Path(m).is_dir() else (),
+            )
+        )
+        del model
+    write_outputs(results, ns.output)
+    if not ns.quiet:
+        print_rich(results)
+    return results
+
+
+def write_outputs(results: Sequence[dict], output: str | os.PathLike | None) -> None:
+    """``OUTPUT.json`` (every number, per-example values included) and ``OUTPUT.md`` (the tables)."""
+    if not output:
+        return
+    out = Path(output)
+    stem = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"results": list(results)}, f, indent=1)
+    with open(f"{stem}.md", "w") as f:
+        f.write("# Held-out evaluation\n\n" + markdown_table(results))
+
+
+def add_evaluate_arguments(p) -> None:
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="model directory, hub name or 'default' (repeatable: one row per model)",
+    )
+    p.add_argument("--config", help="a run config YAML whose 'constraints:' to check (or a plain list)")
+    p.add_argument("--constraints", help="a YAML/JSON list of constraint entries (added to --config's)")
+    p.add_argument("--data", help="held-out task data (file, builtin:heldout): log-perplexity, and prompts to sample")
+    p.add_argument("--prompts", help="prompts to sample from instead of --data's (file; responses not needed)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N examples/prompts")
+    p.add_argument("--num-samples", "-k", type=int, default=2, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="use the training run's temperature")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--name", help="the model's name in the tables (one model only)")
+    p.add_argument("--output", "-o", help="write OUTPUT.json and OUTPUT.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no terminal table")

@@ -16,30 +16,52 @@ With no constraints the trainer is plain SFT (no sampling at all).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 import json
 import logging
 import math
 import os
+import shutil
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import DynamicCache, PreTrainedModel, Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from l3m.barrier import MuSchedule, lagrange_multipliers, relaxed_log_barrier
 from l3m.config import L3MConfig
 from l3m.constraints import Constraint, SampleBatch, evaluate_constraints, leave_one_out_baseline
 from l3m.data import Example, L3MCollator, ListDataset, load_examples, pad, tokenize_examples
-from l3m.errors import NonFiniteError
-from l3m.logprobs import eos_token_ids, token_logprobs
+from l3m.errors import L3MUserError, NonFiniteError
+from l3m.logprobs import eos_token_ids
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "l3m_state.json"
 METRICS_FILE = "metrics.jsonl"
+STAGING_PREFIX = "tmp-"  # checkpoints are written to tmp-checkpoint-N, then renamed: get_last_checkpoint skips them
+
+
+class ConstraintFunctionError(RuntimeError):
+    """A constraint's function (a reward function, a reward model) raised while scoring the step's samples.
+
+    Like :class:`~l3m.errors.NonFiniteError`, it stops training before the optimiser step; ``samples`` holds the
+    (prompt, completion) pairs it was scoring and ``details`` the function's traceback.
+    """
+
+    def __init__(self, message: str, samples: list[dict] | None = None, details: str = ""):
+        super().__init__(message)
+        self.samples = samples or []
+        self.details = details
+        self.prompt = self.samples[0]["prompt"] if self.samples else None
+        self.completion = self.samples[0]["completion"] if self.samples else None
 
 
 class L3MTrainer(Trainer):
@@ -53,6 +75,8 @@ class L3MTrainer(Trainer):
         constraints: the :class:`~l3m.constraints.Constraint` objects (empty: plain SFT).
         prompt_dataset: optional separate prompts to sample from (default: the task data's prompts).
         peft_config: optional ``peft`` config (e.g. ``LoraConfig``); the model is wrapped with it.
+        ref_model: ``method: minimax`` only: the reference (SFT) model or its name/path (default ``args.ref_model``,
+            else a frozen copy of the initial model); see :mod:`l3m.minimax`.
     """
 
     def __init__(
@@ -66,6 +90,7 @@ class L3MTrainer(Trainer):
         prompt_dataset: Any = None,
         peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
+        ref_model: PreTrainedModel | str | None = None,
         **kwargs,
     ):
         from l3m.models import load_causal_lm, load_tokenizer
@@ -83,7 +108,15 @@ class L3MTrainer(Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
+            if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+                # the frozen embeddings' output must carry a gradient into the checkpointed blocks
+                model.enable_input_require_grads()
             model = get_peft_model(model, peft_config)
+        if args.ddp_broadcast_buffers is None:
+            # DDP broadcasts buffers at every forward call, a collective; the loss makes a data-dependent number of
+            # forward calls per micro-batch, which would then deadlock the processes. LM buffers (rotary
+            # frequencies) are constants: nothing needs broadcasting.
+            args.ddp_broadcast_buffers = False
         self.constraints: list[Constraint] = list(constraints or [])
         self.eos_token_ids = eos_token_ids(model, tok)
 
@@ -117,7 +150,17 @@ class L3MTrainer(Trainer):
         )
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.l3m_state: dict[str, Any] = {"ema": None, "violated_steps": [0] * len(self.constraints), "warned": []}
+        self.l3m_state: dict[str, Any] = {
+            "ema": None,
+            "violated_steps": [0] * len(self.constraints),
+            "warned": [],
+            "infeasible": {},  # name -> the numbers when the infeasibility warning was given
+        }
+        self.minimax = None  # method "minimax": the MM baseline's multipliers, reference model and hooks
+        if args.method == "minimax":
+            from l3m.minimax import Minimax
+
+            self.minimax = Minimax(self, ref_model)
         self._micro_index = 0
         if not args.disable_tqdm:
             self.remove_callback(ProgressCallback)
@@ -154,6 +197,35 @@ class L3MTrainer(Trainer):
         ids = [self.prompt_feats[i]["prompt_ids"] for i in idx]
         return pad(ids, self.processing_class.pad_token_id, "left"), pad([[1] * len(x) for x in ids], 0, "left"), idx
 
+    @contextlib.contextmanager
+    def _sampling_rng(self, micro: int):
+        """Sample from an RNG seeded by ``(seed, global micro-batch index)``, restoring the global RNG afterwards.
+
+        The micro-batch index counts across steps, accumulation and processes in the order the data loader deals
+        batches out, so a run's samples do not depend on how its global batch is split (N processes x 1 micro-batch
+        or 1 process x N accumulation steps), nor on whether it was resumed from a checkpoint.
+        """
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        index = (self.state.global_step * self.args.gradient_accumulation_steps + micro) * world + rank
+        dev = torch.device(self.args.device)
+        devices = [] if dev.type == "cpu" else [dev.index if dev.index is not None else 0]
+        kwargs = {} if dev.type in ("cpu", "cuda") else {"device_type": dev.type}
+        with torch.random.fork_rng(devices=devices, **kwargs):
+            torch.manual_seed((self.args.seed * 1_000_003 + index) % (2**63))
+            yield
+
+    def _constraint_error(self, exc: Exception, sb: SampleBatch) -> Exception:
+        """What to raise when evaluating the constraints failed: user and non-finite errors as they are; any other
+        exception (a reward function that raised) as a :class:`ConstraintFunctionError` holding the samples."""
+        if isinstance(exc, (NonFiniteError, L3MUserError)):
+            return exc
+        samples = [{"prompt": p, "completion": c} for p, c in zip(sb.prompts, sb.completions)]
+        return ConstraintFunctionError(
+            f"a constraint function raised {type(exc).__name__}: {exc} (while scoring {len(samples)} samples)",
+            samples=samples,
+            details="".join(traceback.format_exception(exc)),
+        )
+
     # ------------------------------------------------------------------------------------------
     # sampling and the constraint estimates: done once per optimiser step, for all micro-batches
 
@@ -163,29 +235,79 @@ class L3MTrainer(Trainer):
             self._sample_and_weight(batches)
         return batches, None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        args = self.args
+        """``k`` samples per prompt; generation stops once every sequence has ended (or at ``max_new_tokens``).
+
+        The prompts go through the model once, not ``k`` times: their KV cache (all but the last token) is
+        computed for the distinct prompts and repeated ``k`` times before sampling. The samples are drawn exactly
+        as ``generate(..., num_return_sequences=k)`` draws them, with the same random numbers.
+        """
+        args, k = self.args, self.args.num_generations
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+        ids, mask = prompt_ids.to(self.args.device), prompt_mask.to(self.args.device)
+        kwargs = dict(
+            do_sample=True,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.processing_class.pad_token_id,
+            use_cache=True,
+        )
         try:
-            out = model.generate(
-                input_ids=prompt_ids.to(self.args.device),
-                attention_mask=prompt_mask.to(self.args.device),
-                do_sample=True,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                num_return_sequences=args.num_generations,
-                eos_token_id=self.eos_token_ids,
-                pad_token_id=self.processing_class.pad_token_id,
-                use_cache=True,
-            )
+            cache = self._shared_prompt_cache(model, ids, mask, k)
+            if cache is None:
+                out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=k, **kwargs)
+            else:
+                kwargs[self._cache_kwarg(model)] = cache
+                out = model.generate(
+                    input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0), **kwargs
+                )
         finally:
             model.train(was_training)
         return out[:, prompt_ids.shape[1] :].cpu()
+
+    @staticmethod
+    def _shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, k: int):
+        """The KV cache of the prompts but their last token, computed once and repeated ``k`` times; ``None``
+        where that does not apply (one sample per prompt, one-token prompts, a model whose generation uses
+        another cache type), and ``generate`` then encodes the prompts itself."""
+        if k < 2 or ids.shape[1] < 2 or getattr(model.generation_config, "cache_implementation", None):
+            return None
+        try:
+            out = model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=(mask[:, :-1].cumsum(1) - 1).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except TypeError:  # an architecture without logits_to_keep
+            return None
+        cache = L3MTrainer._cache_of(out)
+        if type(cache) is not DynamicCache:
+            return None
+        cache.batch_repeat_interleave(k)
+        return cache
+
+    @staticmethod
+    def _cache_of(output) -> Any:
+        """The KV cache a forward pass returned (``cache``; ``past_key_values`` before transformers renamed it)."""
+        for name in ("cache", "past_key_values"):
+            if output is not None and name in output.keys():
+                return output[name]
+        return None
+
+    @staticmethod
+    def _cache_kwarg(model) -> str:
+        """The name under which the model's forward (and ``generate``) take a KV cache."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(getattr(base, "module", base).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     def _split_completions(self, new_tokens: torch.Tensor) -> tuple[list[list[int]], list[int], list[bool]]:
         """Each completion up to and including its first end-of-turn token; its length without it."""
@@ -207,9 +329,13 @@ class L3MTrainer(Trainer):
         args, k, tok = self.args, self.args.num_generations, self.processing_class
         t0 = time.perf_counter()
         per_batch = []
+        sb_prompts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the left-padded prompts each batch sampled
+        error: BaseException | None = None
         for micro, batch in enumerate(batches):
             p_ids, p_mask, idx = self._prompt_batch(batch, micro)
-            new = self._generate(p_ids, p_mask)
+            sb_prompts[id(batch)] = (p_ids, p_mask)
+            with self._sampling_rng(micro):
+                new = self._generate(p_ids, p_mask)
             comps, lengths, clipped = self._split_completions(new)
             prompts_plain = [p[m.bool()].tolist() for p, m in zip(p_ids, p_mask)]
             prompt_rep = [prompts_plain[i // k] for i in range(len(comps))]
@@ -222,19 +348,33 @@ class L3MTrainer(Trainer):
                 group_ids=torch.arange(len(idx)).repeat_interleave(k),
                 extra={"trainer_state": self.state},
             )
-            raw, c = evaluate_constraints(self.constraints, sb)
+            try:
+                raw, c = evaluate_constraints(self.constraints, sb)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every process at once
+                error = self._constraint_error(exc, sb)
+                raw = c = torch.zeros(len(comps), len(self.constraints))
             per_batch.append((sb, raw, c, prompt_rep, clipped))
+            if error is not None:
+                break
         t_gen = time.perf_counter() - t0
 
-        # C_i: the mean of c_i over all of this step's samples, on all processes
+        # C_i: the mean of c_i over all of this step's samples, on all processes. The sums travel in float64, and
+        # a failure flag travels with them, so that every process stops together when one sample is bad.
         dev = self.args.device
-        sums = torch.stack([c.sum(0) for _, _, c, _, _ in per_batch]).sum(0).to(dev)
-        raw_sums = torch.stack([r.sum(0) for _, r, _, _, _ in per_batch]).sum(0).to(dev)
+        dtype = torch.float32 if dev.type == "mps" else torch.float64
+        sums = torch.stack([c.sum(0) for _, _, c, _, _ in per_batch]).sum(0).to(dev, dtype)
+        raw_sums = torch.stack([r.sum(0) for _, r, _, _, _ in per_batch]).sum(0).to(dev, dtype)
         len_sum = sum(float(sb.lengths.sum()) for sb, *_ in per_batch)
         n_clip = sum(sum(cl) for *_, cl in per_batch)
         count = sum(len(sb.completions) for sb, *_ in per_batch)
-        stats = torch.cat([sums, raw_sums, torch.tensor([len_sum, n_clip, count], device=dev, dtype=sums.dtype)])
-        stats = self.accelerator.reduce(stats, reduction="sum")
+        extra = torch.tensor([len_sum, n_clip, float(error is not None), count], device=dev, dtype=dtype)
+        stats = self.accelerator.reduce(torch.cat([sums, raw_sums, extra]), reduction="sum")
+        if stats[-2] > 0:
+            if error is None:
+                error = NonFiniteError(
+                    f"a constraint failed on another process at step {self.state.global_step}; its error is above"
+                )
+            raise error
         m = len(self.constraints)
         total = stats[-1]
         c_step = (stats[:m] / total).double().cpu()
@@ -246,7 +386,7 @@ class L3MTrainer(Trainer):
             c_est = c_step
         self.l3m_state["ema"] = c_est.tolist()
         mu = self.mu
-        lam = lagrange_multipliers(c_est, mu, args.barrier_s)
+        lam = self._multipliers(c_est, mu)
 
         for batch, (sb, _raw, c, prompt_rep, _) in zip(batches, per_batch):
             if args.baseline == "leave_one_out":
@@ -260,6 +400,12 @@ class L3MTrainer(Trainer):
             batch["sample_attention_mask"] = pad([[1] * len(s) for s in seqs], 0)
             batch["sample_mask"] = pad(masks, 0)
             batch["sample_weights"] = weights.float()
+            # the same samples as (prompt, completion): the loss's forward pass encodes each prompt once
+            batch["sample_prompt_ids"], batch["sample_prompt_mask"] = sb_prompts[id(batch)]
+            batch["sample_completion_ids"] = pad(sb.completion_ids, tok.pad_token_id)
+            batch["sample_completion_mask"] = pad([[1] * len(x) for x in sb.completion_ids], 0)
+            if self.minimax is not None:  # the reference model's log-probabilities of the samples (the KL term)
+                self.minimax.prepare_batch(batch, sb)
 
         # metrics and state for this step
         met = self._metrics
@@ -286,6 +432,14 @@ class L3MTrainer(Trainer):
             viol[i] = 0 if st.holds else viol[i] + 1
             if viol[i] >= patience and con.name not in self.l3m_state["warned"]:
                 self.l3m_state["warned"].append(con.name)
+                self.l3m_state["infeasible"][con.name] = {
+                    "step": self.state.global_step + 1,
+                    "violated_steps": viol[i],
+                    "value": st.value,
+                    "mean_raw": st.mean_raw,
+                    "lambda": st.lam,
+                    "mu": mu,
+                }
                 logger.warning(
                     "constraint '%s' has been violated for %d consecutive steps (C = %.4g, mean %s = %.4g, "
                     "mu = %.3g): it may be infeasible for this model and data, or need more steps",
@@ -347,22 +501,171 @@ class L3MTrainer(Trainer):
             try:
                 logits = model(**kwargs, logits_to_keep=keep).logits
             except TypeError:  # an architecture without logits_to_keep: compute them all
-                logits = model(**kwargs).logits
-            logits = logits[:, -keep:-1]
-            logp = token_logprobs(logits, ids[:, width - keep + 1 :]) * resp[:, width - keep + 1 :]
+                logits = model(**kwargs).logits[:, -keep:]
+            targets = torch.cat([ids[:, width - keep + 1 :], ids.new_zeros(len(rows), 1)], 1)  # the last: unused
+            logp = self._gathered_logprobs(logits, targets)[:, :-1] * resp[:, width - keep + 1 :]
             for j, r in enumerate(rows):
                 out[r] = logp[j]
         return out
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        has_task = "input_ids" in inputs
-        has_samples = "sample_input_ids" in inputs
-        groups = []
-        if has_task:
-            groups.append((inputs["input_ids"], inputs["response_mask"], inputs["attention_mask"]))
+    def _loss_logprobs(self, model, inputs: dict, has_task: bool, has_samples: bool) -> list[torch.Tensor]:
+        """Per-token log-probabilities of the response tokens, one row per sequence: task rows, then samples.
+
+        Each sampled prompt is encoded once for its ``k`` samples (and for its task row, when the task batch's
+        own prompts were sampled): see :meth:`_shared_prefix_logprobs`. Where that does not apply (gradient
+        checkpointing, a model without a ``DynamicCache``), every sequence goes through the model whole
+        (:meth:`_response_logprobs`). Both give the same numbers, up to floating-point rounding.
+        """
+        task = (inputs["input_ids"], inputs["response_mask"], inputs["attention_mask"]) if has_task else None
+        samples = None
         if has_samples:
-            groups.append((inputs["sample_input_ids"], inputs["sample_mask"], inputs["sample_attention_mask"]))
-        rows = self._response_logprobs(model, groups)
+            samples = (inputs["sample_input_ids"], inputs["sample_mask"], inputs["sample_attention_mask"])
+        if has_samples and "sample_prompt_ids" in inputs and self._can_share_prefix(model):
+            p_ids, p_mask = inputs["sample_prompt_ids"], inputs["sample_prompt_mask"]
+            c_ids, c_mask = inputs["sample_completion_ids"], inputs["sample_completion_mask"]
+            k = self.args.num_generations
+            if c_ids.shape[0] == p_ids.shape[0] * k:  # k samples per prompt, in prompt order
+                conts = [(c_ids[i][c_mask[i].bool()], i // k) for i in range(c_ids.shape[0])]
+                task_conts = self._task_continuations(task, p_ids, p_mask) if has_task else []
+                shared = self._shared_prefix_logprobs(model, p_ids, p_mask, (task_conts or []) + conts)
+                if shared is not None:
+                    if task_conts is None:  # task rows with prompts of their own (a separate prompt set)
+                        return self._response_logprobs(model, [task]) + shared
+                    return shared
+        return self._response_logprobs(model, [g for g in (task, samples) if g is not None])
+
+    @staticmethod
+    def _gathered_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+        """``log softmax(logits)[targets]`` per position, a few rows at a time (as ``token_logprobs``).
+
+        The rows are taken with ``split`` and the logits are never sliced: the backward of a slice or of an indexed
+        chunk fills a zero tensor as large as all the logits, once per slice, which cost about a twentieth of a
+        training step on a CPU; ``split`` gives the gradient back with one ``cat``.
+        """
+        out = []
+        for lg, t in zip(logits.split(chunk), targets.split(chunk)):
+            lg = lg.float()
+            out.append(lg.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+        return torch.cat(out)
+
+    def _can_share_prefix(self, model) -> bool:
+        if getattr(self, "_prefix_sharing_failed", False):
+            return False
+        inner = self.accelerator.unwrap_model(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        name = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else None
+        return not getattr(inner, name or "is_gradient_checkpointing", False)
+
+    @staticmethod
+    def _task_continuations(task: tuple, p_ids: torch.Tensor, p_mask: torch.Tensor) -> list[tuple] | None:
+        """The task rows' responses as (tokens, prompt row) continuations of the sampled prompts, when task row
+        ``j`` is prompt ``j`` followed by its response; ``None`` otherwise (e.g. a separate prompt set)."""
+        ids, resp, attn = task
+        if ids.shape[0] != p_ids.shape[0]:
+            return None
+        out = []
+        for j in range(ids.shape[0]):
+            prompt = p_ids[j][p_mask[j].bool()]
+            n, r = prompt.numel(), int(resp[j].sum())
+            if (
+                r == 0
+                or int(attn[j].sum()) != n + r
+                or bool(resp[j][:n].any())
+                or not bool(resp[j][n : n + r].all())
+                or not torch.equal(ids[j][:n].to(prompt.device), prompt)
+            ):
+                return None
+            out.append((ids[j][n : n + r], j))
+        return out
+
+    def _shared_prefix_logprobs(
+        self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, conts: list[tuple]
+    ) -> list[torch.Tensor] | None:
+        """Log-probabilities of continuations that share prompts, each prompt encoded once.
+
+        ``conts`` holds (tokens, prompt row) pairs. The left-padded prompts go through the model once, with
+        ``use_cache``; each continuation then attends to its prompt's keys and values, gathered from that cache
+        with their autograd history, so the gradient reaches the prompt positions as in a forward pass over the
+        whole sequence, while the prompt tokens are computed once instead of once per sample. Continuations are
+        batched by length (longest first; a new batch when padding would pass a fifth of its tokens). Returns one
+        row of per-token log-probabilities per continuation (the first token's come from the prompt's last
+        position), or ``None`` when the model does not return a ``DynamicCache``.
+        """
+        dev = self.args.device
+        p_ids, p_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+        pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+        try:
+            out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        except TypeError:  # an architecture without logits_to_keep
+            out = None
+        cache = self._cache_of(out)
+        if type(cache) is not DynamicCache:
+            self._prefix_sharing_failed = True
+            return None
+        cache_kwarg = self._cache_kwarg(self.accelerator.unwrap_model(model))
+        first_logits = out.logits  # [P, 1, V]: each prompt's last position predicts its continuations' first token
+        n_prompt = p_mask.sum(1)
+        pad_id = self.processing_class.pad_token_id
+        rows: list[torch.Tensor | None] = [None] * len(conts)
+        order = sorted(range(len(conts)), key=lambda i: -conts[i][0].numel())
+        start = 0
+        while start < len(order):
+            width = conts[order[start]][0].numel()
+            end, tokens = start, 0
+            while end < len(order) and width * (end - start + 1) <= 1.2 * (tokens + conts[order[end]][0].numel()):
+                tokens += conts[order[end]][0].numel()
+                end += 1
+            chunk, start = order[start:end], end
+            if width == 0:
+                for i in chunk:
+                    rows[i] = first_logits.new_zeros(1)
+                continue
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=dev)
+            c_mask = torch.zeros_like(ids)
+            for j, i in enumerate(chunk):
+                t = conts[i][0]
+                ids[j, : t.numel()] = t
+                c_mask[j, : t.numel()] = 1
+            owner = torch.tensor([conts[i][1] for i in chunk], device=dev)
+            sub = copy.copy(cache)  # the prompts' keys and values, one row per continuation
+            sub.layers = [copy.copy(layer) for layer in cache.layers]
+            sub.batch_select_indices(owner)
+            o = model(
+                input_ids=ids,
+                attention_mask=torch.cat([p_mask[owner], c_mask], 1),
+                position_ids=n_prompt[owner].unsqueeze(1) + torch.arange(width, device=dev),
+                use_cache=True,
+                logits_to_keep=width,
+                **{cache_kwarg: sub},
+            )
+            targets = torch.cat([ids[:, 1:], ids.new_zeros(len(chunk), 1)], 1)  # the last position: unused
+            rest = self._gathered_logprobs(o.logits, targets)[:, :-1]
+            logp = torch.cat([self._gathered_logprobs(first_logits[owner], ids[:, :1]), rest], 1) * c_mask
+            for j, i in enumerate(chunk):
+                rows[i] = logp[j]
+        return rows
+
+    def _multipliers(self, c_est: torch.Tensor, mu: float) -> torch.Tensor:
+        """lambda_i for this step: the barrier's B'(C_i)/m, or (method minimax) the dual-ascent multipliers."""
+        if self.minimax is not None:
+            return self.minimax.update_multipliers(c_est)
+        return lagrange_multipliers(c_est, mu, self.args.barrier_s)
+
+    def _sample_weights(self, inputs: dict, seq_logp: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights of the score-function surrogate: sum_i lambda_i (c_i - b_i), plus (method minimax)
+        beta (KL_j - b_j) from the samples' detached log-probabilities ``seq_logp``."""
+        weights = inputs["sample_weights"].to(seq_logp.dtype)
+        if self.minimax is not None:
+            weights = weights + self.minimax.kl_weights(inputs, seq_logp).to(weights.dtype)
+        return weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        has_samples = "sample_input_ids" in inputs
+        if model.training and not self.args.task_loss and not self.constraints:
+            raise L3MUserError("training.task_loss is false and there are no constraints: nothing to optimise")
+        # without the task loss (task_loss=False) the task batch still gives the eval loss, never the training one
+        has_task = "input_ids" in inputs and (self.args.task_loss or not has_samples)
+        rows = self._loss_logprobs(model, inputs, has_task, has_samples)
         n_task = inputs["input_ids"].shape[0] if has_task else 0
         loss = rows[0].new_zeros(())
         if has_task:
@@ -373,10 +676,15 @@ class L3MTrainer(Trainer):
             self._metrics["task_nll"].append(float(task_nll.detach()))
         if has_samples:
             seq_logp = torch.stack([r.sum() for r in rows[n_task:]])  # a sequence log-probability: a sum
-            surrogate = (inputs["sample_weights"].to(loss.dtype) * seq_logp).mean()
+            surrogate = (self._sample_weights(inputs, seq_logp).to(loss.dtype) * seq_logp).mean()
             loss = loss + surrogate
             self._metrics["sample/mean_logprob"].append(float(seq_logp.detach().mean()))
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss.detach()))
+        if model.training and self.accelerator.num_processes > 1:  # every process stops together, before backward
+            flag = torch.tensor([float(bad)], device=loss.device)
+            if bool(self.accelerator.reduce(flag, reduction="sum") > 0) and not bad:
+                raise NonFiniteError(f"the loss is not finite on another process at step {self.state.global_step}")
+        if bad:
             raise NonFiniteError(f"the loss is {loss.item()} at step {self.state.global_step}; no optimiser step taken")
         return (loss, None) if return_outputs else loss
 
@@ -393,12 +701,19 @@ class L3MTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._metrics:
-            for key, vals in self._metrics.items():
-                if vals:
-                    logs[key] = sum(vals) / len(vals)
+            keys = sorted(k for k, vals in self._metrics.items() if vals)
+            means = [sum(self._metrics[k]) / len(self._metrics[k]) for k in keys]
+            if self.accelerator.num_processes > 1:
+                # per-process metrics (task_nll, time) become means over processes; global ones (mu, C_i, lambda_i)
+                # are the same on every process and stay as they are
+                local = torch.tensor(means, dtype=torch.float64, device=self.args.device)
+                means = self.accelerator.reduce(local, reduction="mean").tolist()
+            logs.update(zip(keys, means))
             self._metrics.clear()
             if "task_nll" in logs:
                 logs["objective"] = logs["task_nll"] + logs.get("barrier", 0.0)
+            if self.minimax is not None:
+                self.minimax.edit_logs(logs)
         super().log(logs, start_time)
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
@@ -416,16 +731,61 @@ class L3MTrainer(Trainer):
             "constraints": {c.name: vars(c.state) for c in self.constraints},
         }
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.is_world_process_zero():
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump(self._l3m_state_dict(), f, indent=2, default=float)
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        staging = getattr(self, "_staging_name", None)
+        return os.path.join(run_dir, staging) if staging else run_dir
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint to ``tmp-checkpoint-N/checkpoint-N``, then rename it to ``checkpoint-N``.
+
+        transformers writes into ``checkpoint-N`` directly, so a process killed while saving would leave a
+        half-written folder that ``get_last_checkpoint`` takes for the latest. Here the folder gets its final name
+        only once everything is in it (model, optimiser, scheduler, RNG states of every process, trainer state and
+        ``l3m_state.json``); ``tmp-`` folders match neither ``get_last_checkpoint`` nor checkpoint rotation.
+        """
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_PREFIX + name)
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staging_root):
+            shutil.rmtree(staging_root)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging_name = STAGING_PREFIX + name
+        try:
+            super()._save_checkpoint(model, trial)  # writes into staged (rotation there finds one checkpoint: a no-op)
+        finally:
+            self._staging_name = None
+        if self.args.should_save:
+            _write_json(os.path.join(staged, STATE_FILE), self._l3m_state_dict())
+            best = self.state.best_model_checkpoint
+            if best and os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep):
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
+        if self.args.should_save:
+            if os.path.exists(final):  # an older copy of this step, from a run resumed before it
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # transformers calls this once on resume with every backend (DDP, DeepSpeed, FSDP), unlike
+        # _load_from_checkpoint, which DeepSpeed bypasses: the barrier state is restored here
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_l3m_state(checkpoint)
+
+    def _load_l3m_state(self, checkpoint: str) -> None:
+        """Restore the barrier state saved with ``checkpoint``; drop the metrics rows logged after it."""
+        path = os.path.join(checkpoint, STATE_FILE)
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
@@ -435,6 +795,17 @@ class L3MTrainer(Trainer):
             for con in self.constraints:
                 for k, v in saved.get("constraints", {}).get(con.name, {}).items():
                     setattr(con.state, k, v)
+        elif self.constraints:
+            logger.warning("%s has no %s: the barrier state starts afresh", checkpoint, STATE_FILE)
+        if not self.is_world_process_zero():
+            return
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            step = json.load(f)["global_step"]
+        truncate_metrics(os.path.join(self.args.output_dir, METRICS_FILE), step)
+        for leftover in os.listdir(self.args.output_dir):
+            if leftover.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR):
+                logger.warning("removing %s, a checkpoint left half-written by an earlier run", leftover)
+                shutil.rmtree(os.path.join(self.args.output_dir, leftover), ignore_errors=True)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
@@ -454,9 +825,43 @@ class L3MTrainer(Trainer):
                 "mean_raw": c.state.mean_raw,
                 "holds": bool(c.state.holds) if math.isfinite(c.state.value) else None,
                 "warned_infeasible": c.name in self.l3m_state["warned"],
+                "infeasible_warning": self.l3m_state.get("infeasible", {}).get(c.name),
             }
             for c in self.constraints
         ]
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so that a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Drop the rows of a metrics.jsonl logged after ``step`` (a resumed run logs those steps again).
+
+    Returns how many rows were dropped.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 class L3MProgressCallback(ProgressCallback):

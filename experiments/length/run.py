@@ -1,0 +1,311 @@
+"""The paper's Figure 2 at this project's scale: length-constrained L3Ms against an SFT model, on real data.
+
+One command re-creates everything in ``experiments/length/results/`` (checkpoints go to ``runs/length/``,
+which git ignores):
+
+    .venv/bin/python experiments/length/run.py            # the full run (36 min on 2 shared CPU cores)
+    .venv/bin/python experiments/length/run.py --smoke    # 2 steps per model, 8 prompts: checks the pipeline
+
+Every model starts from SmolLM2-135M-Instruct and is trained by the same ``L3MTrainer`` with the same data,
+seed, optimiser and number of steps; the SFT model has no constraints, each L3M has one length range
+``[l_min, l_max]`` (two constraints). Task data: ``../shared/data/sft/instruction_data_short.json``, split
+once into train and held-out parts with a fixed seed. Each model is then evaluated on held-out prompts it
+never saw: task log-perplexity of the reference responses, and ``k`` sampled responses per prompt whose
+mean length is checked against every range with a 95% bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DATA = REPO.parent / "shared" / "data" / "sft" / "instruction_data_short.json"
+
+# The length ranges [l_min, l_max] (tokens) of the L3Ms. The base model's responses average ~45 tokens at
+# temperature 0.8 (many cut at 64); SFT on this data set's short answers (median ~10 tokens) brings that down
+# to the low teens, so "short" lies below the SFT model's mean, "medium" and "long" above it. Ranges are at
+# least 7 tokens wide and wider where responses are longer: the per-step estimate of the mean length from
+# 4 prompts x 4 samples has a standard deviation of several tokens (measured per model: `step_noise` in
+# results.json), and a range narrower than that noise flips in and out of feasibility from step to step.
+RANGES = {"short": (3, 10), "medium": (15, 25), "long": (35, 50)}
+
+BASE_CONFIG = {
+    "model": "default",
+    "data": {"train": os.path.relpath(DATA, REPO), "heldout_fraction": 0.2},
+    "training": {
+        "max_steps": 12,
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_new_tokens": 64,
+        "temperature": 0.8,
+        "learning_rate": 5.0e-5,
+        "lr_scheduler_type": "linear",
+        "max_length": 256,
+        # (ours, documented in the README): an EMA over steps lowers the variance of the plug-in estimate of
+        # C_i that sets lambda_i; with 16 samples per step the raw estimate is too noisy near a bound.
+        "constraint_ema": 0.5,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+    },
+}
+EVAL = {"k": 2, "n_prompts": 150, "max_new_tokens": 64, "temperature": 0.8, "batch_size": 25, "seed": 1}
+SCALE = 10.0  # c = (l_min - len) / 10 and (len - l_max) / 10: C in units of 10 tokens, as in the demo config
+
+
+def model_configs() -> dict[str, dict]:
+    out = {"sft": {**BASE_CONFIG, "constraints": None}}
+    for name, (lo, hi) in RANGES.items():
+        out[f"l3m_{name}"] = {
+            **BASE_CONFIG,
+            "constraints": [{"kind": "length", "min": lo, "max": hi, "name": "length", "scale": SCALE}],
+        }
+    return out
+
+
+def all_constraints():
+    """Every range as constraints, so each model's samples are checked against each range."""
+    from l3m.constraints import LengthConstraint
+
+    cons = []
+    for name, (lo, hi) in RANGES.items():
+        cons += [LengthConstraint(lo, "min", name=f"{name}_min"), LengthConstraint(hi, "max", name=f"{name}_max")]
+    return cons
+
+
+def step_noise(result: dict, prompts_per_step: int, k: int) -> dict:
+    """The standard deviation of a training step's estimate of the mean length, from held-out samples.
+
+    Between-prompt and within-prompt variances come from the evaluation's ``k`` samples per prompt; a step
+    with B prompts and k samples each estimates the mean with variance var_between / B + var_within / (B k).
+    """
+    import torch
+
+    x = torch.tensor(result["lengths"]["values"], dtype=torch.float64).reshape(-1, result["k"])
+    within = float(x.var(dim=1, unbiased=True).mean())
+    between = max(float(x.mean(1).var()) - within / result["k"], 0.0)
+    sd = (between / prompts_per_step + within / (prompts_per_step * k)) ** 0.5
+    return {
+        "var_between_prompts": between,
+        "var_within_prompt": within,
+        "step_sd_tokens": sd,
+        "prompts_per_step": prompts_per_step,
+        "samples_per_prompt": k,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="2 steps per model, 8 held-out prompts (pipeline check)")
+    p.add_argument("--results", default=None, help="results folder (default experiments/length/results)")
+    p.add_argument("--runs", default=None, help="checkpoint folder (default runs/length)")
+    p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
+    p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")
+    ns = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)  # the machine has 2 cores shared with other jobs
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.chdir(REPO)
+    import yaml
+
+    from l3m.evaluation import evaluate_model, markdown_table, print_rich, training_warnings
+    from l3m.report import make_report
+
+    results_dir = Path(ns.results or ("/tmp/l3m_length_smoke" if ns.smoke else HERE / "results"))
+    runs_dir = Path(ns.runs or (REPO / "runs" / ("length_smoke" if ns.smoke else "length")))
+    results_file = results_dir / "results.json"
+    if ns.report_only:
+        res = json.loads(results_file.read_text())
+        make_report(
+            sorted((results_dir / "runs").iterdir()),
+            res["evaluations"],
+            results_dir,
+            res["ranges"],
+            title="Length-constrained L3Ms (paper Figure 2) on instruction_data_short",
+        )
+        return 0
+    if not DATA.is_file():
+        print(f"the data set {DATA} is missing (see ../shared/data/README.md)", file=sys.stderr)
+        return 1
+    from l3m.cli import run_train
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "configs").mkdir(exist_ok=True)
+    t_start = time.time()
+    previous = json.loads(results_file.read_text()) if results_file.is_file() and ns.only else {}
+    evaluations = {e["model"]: e for e in previous.get("evaluations", [])}
+    timings = previous.get("timings", {})
+    cons = all_constraints()
+    n_eval = 8 if ns.smoke else EVAL["n_prompts"]
+    for name, cfg in model_configs().items():
+        if ns.only and name not in ns.only:
+            continue
+        cfg = json.loads(json.dumps(cfg))
+        cfg["training"]["output_dir"] = (
+            str((runs_dir / name).relative_to(REPO)) if runs_dir.is_relative_to(REPO) else str(runs_dir / name)
+        )
+        if ns.smoke:
+            cfg["training"]["max_steps"] = 2
+        cfg_path = results_dir / "configs" / f"{name}.yaml"
+        cfg_path.write_text(
+            f"# {name}: written by experiments/length/run.py; `l3m train` this from the repo root\n"
+            + yaml.safe_dump(cfg, sort_keys=False)
+        )
+        out = Path(cfg["training"]["output_dir"])
+        if out.exists():
+            shutil.rmtree(out)  # a fresh run: metrics.jsonl is appended to
+        print(f"== training {name} ({cfg['training']['max_steps']} steps) ==", flush=True)
+        t0 = time.time()
+        summary = run_train(str(cfg_path), [], quiet=True)
+        t_train = time.time() - t0
+        trainer = summary["_trainer"]
+        heldout = summary["_heldout"][:n_eval]
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        print(f"== evaluating {name} on {len(heldout)} held-out prompts x {EVAL['k']} ==", flush=True)
+        t0 = time.time()
+        ev = evaluate_model(
+            model,
+            trainer.processing_class,
+            cons,
+            heldout,
+            k=EVAL["k"],
+            max_new_tokens=EVAL["max_new_tokens"],
+            temperature=EVAL["temperature"],
+            batch_size=EVAL["batch_size"],
+            seed=EVAL["seed"],
+            max_length=256,
+            progress=False,
+            name=name,
+            warned=training_warnings(out),
+        )
+        t_eval = time.time() - t0
+        ev["step_noise"] = step_noise(
+            ev, cfg["training"]["per_device_train_batch_size"], cfg["training"]["num_generations"]
+        )
+        ev["range"] = list(RANGES[name[4:]]) if name.startswith("l3m_") else None
+        evaluations[name] = ev
+        timings[name] = {"train_s": t_train, "eval_s": t_eval, "steps": summary["steps"]}
+        dst = results_dir / "runs" / name
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in ("metrics.jsonl", "summary.json"):
+            if (out / f).is_file():
+                shutil.copy(out / f, dst / f)
+        del trainer, model, summary
+        print(
+            f"   {name}: train {t_train:.0f} s, eval {t_eval:.0f} s, mean length {ev['lengths']['mean']:.1f}, "
+            f"log-ppl {ev['task_logppl']['mean']:.3f} ± {ev['task_logppl']['std']:.3f}",
+            flush=True,
+        )
+        evs = [evaluations[n] for n in model_configs() if n in evaluations]
+        _save(results_file, evs, timings, t_start, previous, ns.smoke)
+    evs = [evaluations[n] for n in model_configs() if n in evaluations]
+    res = _save(results_file, evs, timings, t_start, previous, ns.smoke)
+    (results_dir / "results.md").write_text(_summary_md(res) + "\n## All numbers\n\n" + markdown_table(evs))
+    print_rich(evs)
+    make_report(
+        [results_dir / "runs" / n for n in model_configs() if (results_dir / "runs" / n).is_dir()],
+        evs,
+        results_dir,
+        RANGES,
+        title="Length-constrained L3Ms (paper Figure 2) on instruction_data_short",
+    )
+    print(f"results in {results_dir}; wall clock {res['wall_clock_s'] / 60:.1f} min")
+    return 0
+
+
+def _save(path: Path, evs: list[dict], timings: dict, t_start: float, previous: dict, smoke: bool) -> dict:
+    res = {
+        "experiment": "length-constrained L3Ms vs SFT (paper Figure 2)",
+        "data": str(DATA.relative_to(REPO.parent)),
+        "smoke": smoke,
+        "ranges": RANGES,
+        "config": BASE_CONFIG,
+        "eval": EVAL,
+        "timings": timings,
+        "wall_clock_s": previous.get("wall_clock_s", 0.0) + (time.time() - t_start),
+        "evaluations": evs,
+    }
+    res["targets"] = check_targets(evs)
+    path.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def check_targets(evs: list[dict]) -> dict:
+    """The issue's targets, checked on the numbers."""
+    by = {e["model"]: e for e in evs}
+    out: dict = {}
+    sft = by.get("sft")
+    for name, (lo, hi) in RANGES.items():
+        e = by.get(f"l3m_{name}")
+        if not e:
+            continue
+        verdicts = {c["name"]: c["verdict"] for c in e["constraints"]}
+        v = [verdicts[f"{name}_min"], verdicts[f"{name}_max"]]
+        t = {
+            "range": [lo, hi],
+            "mean_length": e["lengths"]["mean"],
+            "verdicts": v,
+            "inside": "violated" not in v,
+            "certified": v == ["holds", "holds"],
+        }
+        if sft:
+            ratio = e["task_logppl"]["mean"] / sft["task_logppl"]["mean"]
+            t["logppl_ratio_to_sft"] = ratio
+            t["logppl_within_10pct"] = abs(ratio - 1) <= 0.10
+        out[f"l3m_{name}"] = t
+    if sft:
+        m = sft["lengths"]["mean"]
+        outside = [n for n, (lo, hi) in RANGES.items() if not lo <= m <= hi]
+        out["sft"] = {
+            "mean_length": m,
+            "outside_ranges": outside,
+            "outside_at_least_two": len(outside) >= 2,
+            "ranges_below": [n for n, (lo, hi) in RANGES.items() if hi < m],
+            "ranges_above": [n for n, (lo, hi) in RANGES.items() if lo > m],
+        }
+    return out
+
+
+def _summary_md(res: dict) -> str:
+    lines = [
+        "# Length-constrained L3Ms vs SFT: results",
+        "",
+        f"Data: `{res['data']}`; wall clock {res['wall_clock_s'] / 60:.1f} min on this machine's CPU.",
+        "",
+        "| model | range [l_min, l_max] | mean length (95% CI) | verdicts (min, max) | task log-ppl "
+        "(mean ± std) | log-ppl / SFT | train / eval time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    t = res["targets"]
+    for e in res["evaluations"]:
+        rng = e.get("range")
+        ci = next((c["ci95"] for c in e["constraints"] if c["name"].endswith("_max")), None)
+        # the CI of the mean length follows from any length constraint's CI (C = len - l_max)
+        lo_hi = ""
+        if ci is not None:
+            c = next(c for c in e["constraints"] if c["name"].endswith("_max"))
+            off = c["mean_raw"] - c["value"]
+            lo_hi = f" [{ci[0] + off:.1f}, {ci[1] + off:.1f}]"
+        tg = t.get(e["model"], {})
+        verd = ", ".join(tg.get("verdicts", [])) or "—"
+        ratio = f"{tg['logppl_ratio_to_sft']:.3f}" if "logppl_ratio_to_sft" in tg else "—"
+        tm = res["timings"].get(e["model"], {})
+        lines.append(
+            f"| {e['model']} | {rng if rng else '— (no constraint)'} | {e['lengths']['mean']:.1f}{lo_hi} | {verd} | "
+            f"{e['task_logppl']['mean']:.3f} ± {e['task_logppl']['std']:.3f} | {ratio} | "
+            f"{tm.get('train_s', 0) / 60:.1f} / {tm.get('eval_s', 0) / 60:.1f} min |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

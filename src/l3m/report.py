@@ -1,0 +1,348 @@
+"""``l3m report``: PNG plots and one Markdown page from training runs and ``l3m evaluate`` results.
+
+* training curves from each run's ``metrics.jsonl``: task NLL, each C_i, each lambda_i, mu (and the
+  mean sampled length) over the optimiser steps;
+* the relaxed log-barrier for several mu (the paper's Figure 1);
+* per evaluated model, a box plot of its held-out response lengths with the [min, max] range it was
+  constrained to, and its task log-perplexity (mean ± std) beside its mean length (the paper's Figure 2).
+
+Every figure has a title, axis labels with units and a legend, and a caption line in the Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from l3m.barrier import relaxed_log_barrier  # noqa: E402
+from l3m.errors import L3MUserError  # noqa: E402
+
+COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of ``RUN_DIR/metrics.jsonl`` that carry training metrics (one per logging step)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        raise L3MUserError(f"run directory '{run_dir}' has no metrics.jsonl (is it an l3m training run?)")
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise L3MUserError(f"{p}:{i}: malformed JSON line") from None
+        if "task_nll" in row or "loss" in row:
+            rows.append(row)
+    return rows
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(v)
+    return xs, ys
+
+
+def constraint_names(rows: list[dict]) -> list[str]:
+    names: list[str] = []
+    for r in rows:
+        for k in r:
+            if k.startswith("constraints/") and k.endswith("/value"):
+                n = k[len("constraints/") : -len("/value")]
+                if n not in names:
+                    names.append(n)
+    return names
+
+
+def plot_training(runs: Mapping[str, list[dict]], path: str | os.PathLike) -> Path:
+    """Training curves of several runs: task NLL, mean sampled length, C_i, lambda_i, mu."""
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    ax_nll, ax_len, ax_mu, ax_c, ax_lam, ax_obj = axes.flatten()
+    linestyles = ["-", "--", ":", "-."]
+    for j, (name, rows) in enumerate(runs.items()):
+        col = COLORS[j % len(COLORS)]
+        ax_nll.plot(*_series(rows, "task_nll"), color=col, label=name)
+        xs, ys = _series(rows, "sample/mean_length")
+        if xs:
+            ax_len.plot(xs, ys, color=col, label=name)
+        ax_mu.plot(*_series(rows, "mu"), color=col, label=name)
+        xs, ys = _series(rows, "objective")
+        if xs:
+            ax_obj.plot(xs, ys, color=col, label=name)
+        for i, c in enumerate(constraint_names(rows)):
+            ls = linestyles[i % len(linestyles)]
+            ax_c.plot(*_series(rows, f"constraints/{c}/value"), color=col, ls=ls, label=f"{name}: {c}")
+            ax_lam.plot(*_series(rows, f"constraints/{c}/lambda"), color=col, ls=ls, label=f"{name}: {c}")
+    ax_nll.set(
+        title="Task loss on the training batches", xlabel="optimiser step", ylabel="task NLL (nats per response token)"
+    )
+    ax_len.set(
+        title="Mean length of the responses sampled in training",
+        xlabel="optimiser step",
+        ylabel="mean response length (tokens)",
+    )
+    ax_mu.set(title="Barrier parameter μ (decays each step)", xlabel="optimiser step", ylabel="μ", yscale="log")
+    ax_c.axhline(0, color="black", lw=1)
+    ax_c.set(
+        title="Constraint estimates C_i (feasible when ≤ 0)",
+        xlabel="optimiser step",
+        ylabel="C_i (constraint units, after scale)",
+    )
+    ax_lam.set(title="Lagrange multipliers λ_i = B'(C_i)/m", xlabel="optimiser step", ylabel="λ_i", yscale="log")
+    ax_obj.set(
+        title="Objective G_μ = task NLL + mean barrier",
+        xlabel="optimiser step",
+        ylabel="G_μ (nats; symmetric log scale)",
+        yscale="symlog",
+    )
+    for ax in axes.flatten():
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no constrained run", ha="center", va="center", transform=ax.transAxes, color="grey")
+    fig.suptitle("Training curves (one colour per run; solid/dashed = first/second constraint)")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_barrier(path: str | os.PathLike, mus: Sequence[float] = (1.0, 0.5, 0.3, 0.1)) -> Path:
+    """The relaxed log-barrier B_{mu, mu^2}(z) for several mu (the paper's Figure 1)."""
+    import torch
+
+    z = torch.linspace(-2.0, 0.5, 1001, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for j, mu in enumerate(mus):
+        ax.plot(z, relaxed_log_barrier(z, mu), color=COLORS[j], label=f"μ = {mu:g} (s = μ² = {mu * mu:.3g})")
+        s = mu * mu
+        ax.plot([-s], [relaxed_log_barrier(-s, mu)], "o", color=COLORS[j], ms=4)
+    ax.plot([-2.0, 0, 0], [0, 0, 4.0], color="black", lw=1.5, ls=":", label="limit μ → 0: 0 if z ≤ 0, +∞ beyond")
+    ax.axvline(0, color="black", lw=1, ls="--", label="constraint boundary z = 0")
+    ax.axvspan(-2.0, 0, color="green", alpha=0.06, label="feasible (z ≤ 0)")
+    ax.set(
+        xlim=(-2.0, 0.5),
+        ylim=(-1.0, 4.0),
+        xlabel="constraint value z = C_i",
+        ylabel="barrier value B_μ(z)",
+        title="Relaxed log-barrier: −μ log(−z) for z ≤ −μ², linear beyond (dots)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _length_range(ev: dict) -> tuple[float | None, float | None] | None:
+    """The [l_min, l_max] a model was constrained to: the ``range`` field, else its length constraints."""
+    if "range" in ev:  # set by an experiment: None means "trained without a length constraint"
+        return tuple(ev["range"]) if ev["range"] else None
+    lo = hi = None
+    for c in ev.get("constraints") or []:
+        if c.get("kind") == "length":
+            if c.get("direction") == "at_least":
+                lo = c["threshold"]
+            elif c.get("direction") == "at_most":
+                hi = c["threshold"]
+    return (lo, hi) if lo is not None or hi is not None else None
+
+
+def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) -> Path:
+    """The paper's Figure 2: response-length box plots with the constraint range, and task log-ppl."""
+    evals = [e for e in evals if (e.get("lengths") or {}).get("values")]
+    if not evals:
+        raise L3MUserError("no evaluation with sampled response lengths to plot")
+    names = [e["model"] for e in evals]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    data = [e["lengths"]["values"] for e in evals]
+    pos = list(range(1, len(evals) + 1))
+    ax.boxplot(
+        data,
+        positions=pos,
+        whis=(0, 100),
+        widths=0.5,
+        showmeans=True,
+        patch_artist=True,
+        boxprops={"facecolor": "#dde6f3"},
+        medianprops={"color": "black"},
+        meanprops={"marker": "D", "markerfacecolor": "red", "markeredgecolor": "red", "markersize": 6},
+    )
+    drew_range = False
+    for p, e in zip(pos, evals):
+        rng = _length_range(e)
+        if rng:
+            for b in rng:
+                if b is not None:
+                    ax.hlines(
+                        b,
+                        p - 0.38,
+                        p + 0.38,
+                        colors="darkgreen",
+                        lw=2.5,
+                        label=None if drew_range else "constraint range [l_min, l_max]",
+                    )
+                    drew_range = True
+        ax.annotate(
+            f"{e['lengths']['mean']:.1f}", (p + 0.3, e["lengths"]["mean"]), color="red", fontsize=8, va="center"
+        )
+    cap = evals[0].get("max_new_tokens")
+    if cap:
+        ax.axhline(cap, color="grey", ls=":", lw=1, label=f"sampling cap ({cap} new tokens)")
+    ax.plot([], [], "D", color="red", label="mean length")
+    ax.plot([], [], color="black", label="median (box: quartiles, whiskers: min–max)")
+    ax.set_xticks(pos, names, rotation=15)
+    n_info = f"{evals[0].get('n_prompts', '?')} held-out prompts × {evals[0].get('k', '?')} samples"
+    ax.set(ylabel="response length (tokens)", title=f"Response lengths ({n_info})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+    ppl = [
+        (e["task_logppl"]["mean"], e["task_logppl"]["std"]) if e.get("task_logppl") else (math.nan, 0.0) for e in evals
+    ]
+    ax2.errorbar(
+        pos,
+        [m for m, _ in ppl],
+        yerr=[s for _, s in ppl],
+        fmt="o",
+        capsize=5,
+        color="navy",
+        label="mean ± std over held-out examples",
+    )
+    for p, (m, _s), e in zip(pos, ppl, evals):
+        if math.isfinite(m):
+            ax2.annotate(f"{m:.3f}\n(len {e['lengths']['mean']:.0f})", (p + 0.12, m), fontsize=8, va="center")
+    ax2.set_xticks(pos, names, rotation=15)
+    ax2.set_xlim(0.5, len(pos) + 0.7)
+    n_ppl = next((e["task_logppl"]["n"] for e in evals if e.get("task_logppl")), "?")
+    ax2.set(
+        ylabel="task log-perplexity (nats per response token)",
+        title=f"Task log-perplexity on {n_ppl} held-out references",
+    )
+    ax2.grid(axis="y", alpha=0.3)
+    ax2.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Held-out response lengths against each model's length constraint, and the cost in task loss")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def load_evaluations(paths: Sequence[str | os.PathLike]) -> list[dict]:
+    """Evaluation dicts from ``l3m evaluate -o`` JSON files (``{"results": [...]}``) or an experiment's
+    ``results.json`` (``{"evaluations": [...]}``)."""
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise L3MUserError(f"evaluation file '{p}' does not exist")
+        try:
+            doc = json.loads(Path(p).read_text())
+        except json.JSONDecodeError as exc:
+            raise L3MUserError(f"{p}: not JSON ({exc.msg}, line {exc.lineno})") from None
+        items = doc.get("results", doc.get("evaluations")) if isinstance(doc, dict) else doc
+        if not isinstance(items, list):
+            raise L3MUserError(f"{p}: expected the JSON that `l3m evaluate -o` writes (a 'results' list)")
+        out.extend(items)
+    return out
+
+
+def make_report(
+    run_dirs: Sequence[str | os.PathLike],
+    evals: Sequence[dict],
+    out_dir: str | os.PathLike,
+    ranges: Mapping[str, Sequence[float]] | None = None,
+    title: str = "l3m report",
+) -> Path:
+    """Write the PNGs and ``report.md`` into ``out_dir``; returns the Markdown file."""
+    from l3m.evaluation import markdown_table
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", ""]
+    runs = {Path(d).name: read_metrics(d) for d in run_dirs}
+    if runs:
+        plot_training(runs, out / "training_curves.png")
+        names = ", ".join(f"`{n}` ({len(r)} steps)" for n, r in runs.items())
+        md += [
+            "## Training curves",
+            "",
+            "![training curves](training_curves.png)",
+            "",
+            f"*Figure: training curves of {names}. Task NLL is the mean negative log-likelihood per reference "
+            "response token on each step's training batch; C_i is the estimate of each constraint from the "
+            "step's sampled responses (feasible when ≤ 0; for a length range, C = (l_min − mean length)/scale "
+            "and (mean length − l_max)/scale); λ_i is the Lagrange multiplier the barrier assigns it (large "
+            "when violated, falling toward 0 as μ decays when it holds); μ decays exponentially.*",
+            "",
+        ]
+    plot_barrier(out / "barrier.png")
+    md += [
+        "## The relaxed log-barrier",
+        "",
+        "![relaxed log-barrier](barrier.png)",
+        "",
+        "*Figure (paper Figure 1): B_μ(z) = −μ log(−z) for z ≤ −s and its linear continuation beyond, with "
+        "s = μ². As μ → 0 it tends to 0 on the feasible side and to +∞ past the boundary; unlike a plain "
+        "log-barrier it is finite for infeasible z, so training may start infeasible.*",
+        "",
+    ]
+    evals = list(evals)
+    if ranges:
+        for e in evals:
+            key = e["model"].removeprefix("l3m_")
+            if "range" not in e and key in ranges:
+                e["range"] = list(ranges[key])
+    if evals:
+        plot_lengths_and_perplexity(evals, out / "lengths_perplexity.png")
+        md += [
+            "## Held-out response lengths and task perplexity",
+            "",
+            "![lengths and perplexity](lengths_perplexity.png)",
+            "",
+            "*Figure (paper Figure 2): left, the lengths of responses sampled on held-out prompts, one box per "
+            "model (box: quartiles, black line: median, whiskers: minimum and maximum, red diamond and number: "
+            "mean); green bars mark the range [l_min, l_max] each L3M was trained to keep its mean length in "
+            "(the SFT model has none). Right, the task log-perplexity of the held-out reference responses "
+            "(mean ± std over examples): the cost of the constraint in task performance.*",
+            "",
+            "## Numbers",
+            "",
+            markdown_table(evals),
+        ]
+        notes = [f"- {e['model']}: {w}" for e in evals for w in e.get("warnings") or []]
+        if notes:
+            md += ["", "Warnings:", "", *notes]
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def run_report(ns) -> Path:
+    """``l3m report RUN_DIR... [--eval FILE.json]``."""
+    if not ns.runs and not ns.eval:
+        raise L3MUserError("give run directories (with metrics.jsonl) and/or --eval FILE.json")
+    evals = load_evaluations(ns.eval)
+    for d in ns.runs:
+        if not Path(d).is_dir():
+            raise L3MUserError(f"run directory '{d}' does not exist")
+    path = make_report(ns.runs, evals, ns.output_dir, title=ns.title)
+    print(f"report written to {path} (PNGs beside it)")
+    return path

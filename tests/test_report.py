@@ -1,0 +1,153 @@
+import json
+
+import pytest
+import yaml
+
+from l3m.cli import main
+from l3m.errors import L3MUserError
+from l3m.evaluation import length_stats
+from l3m.report import load_evaluations, make_report, read_metrics
+
+
+def _is_png(path):
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, talking_model, counting_rows):
+    """A 6-step constrained run of the tiny model through `l3m train` (metrics.jsonl, summary.json)."""
+    tmp = tmp_path_factory.mktemp("run")
+    data = tmp / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in counting_rows))
+    cfg = {
+        "model": str(talking_model),
+        "data": {"train": str(data)},
+        "constraints": [{"kind": "length", "min": 2, "max": 6, "name": "len"}],
+        "training": {
+            "output_dir": str(tmp / "run"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "max_new_tokens": 8,
+            "save_strategy": "no",
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "learning_rate": 1e-3,
+        },
+    }
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    return tmp / "run"
+
+
+def test_read_metrics_has_every_step(tiny_run):
+    rows = read_metrics(tiny_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all("constraints/len_min/lambda" in r and "mu" in r for r in rows)
+
+
+def _fake_eval(name, lengths, rng=None, ppl=(1.0, 0.2)):
+    return {
+        "model": name,
+        "k": 2,
+        "n_prompts": len(lengths) // 2,
+        "max_new_tokens": 64,
+        "range": rng,
+        "task_logppl": {"n": 10, "mean": ppl[0], "std": ppl[1]},
+        "lengths": {**length_stats(lengths, 64), "values": lengths},
+        "constraints": [],
+    }
+
+
+def test_report_cli_writes_pngs_and_markdown(tiny_run, tmp_path, capsys):
+    ev = tmp_path / "ev.json"
+    ev.write_text(
+        json.dumps(
+            {
+                "results": [
+                    _fake_eval("sft", [10, 20, 30, 40] * 5),
+                    _fake_eval("l3m", [5, 8, 9, 12] * 5, [5, 15], (1.05, 0.25)),
+                ]
+            }
+        )
+    )
+    out = tmp_path / "rep"
+    assert main(["report", str(tiny_run), "--eval", str(ev), "-o", str(out), "--title", "tiny"]) == 0
+    for name in ("training_curves.png", "barrier.png", "lengths_perplexity.png"):
+        assert _is_png(out / name), name
+    md = (out / "report.md").read_text()
+    assert md.startswith("# tiny")
+    for name in ("training_curves.png", "barrier.png", "lengths_perplexity.png"):
+        assert f"]({name})" in md
+    assert md.count("*Figure") == 3  # a caption for each figure
+    assert "| sft |" in md and "| l3m |" in md and "1.050 ± 0.250" in md
+    assert "report written to" in capsys.readouterr().out
+
+
+def test_report_without_evaluations_still_plots_training_and_barrier(tiny_run, tmp_path):
+    path = make_report([tiny_run], [], tmp_path)
+    assert _is_png(tmp_path / "training_curves.png") and _is_png(tmp_path / "barrier.png")
+    assert not (tmp_path / "lengths_perplexity.png").exists()
+    assert "Training curves" in path.read_text()
+
+
+def test_report_user_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(L3MUserError, match="metrics.jsonl"):
+        read_metrics(tmp_path / "empty")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(L3MUserError, match="not JSON"):
+        load_evaluations([bad])
+
+
+def _experiment():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "length" / "run.py"
+    spec = importlib.util.spec_from_file_location("length_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_length_experiment_targets_logic():
+    exp = _experiment()
+    lo, hi = exp.RANGES["short"]
+
+    def ev(name, mean, verdicts, ppl):
+        cons = [{"name": f"{r}_{b}", "verdict": "holds"} for r in exp.RANGES for b in ("min", "max")]
+        for c in cons:
+            if c["name"].startswith("short_"):
+                c["verdict"] = verdicts[0] if c["name"].endswith("min") else verdicts[1]
+        return {"model": name, "lengths": {"mean": mean}, "task_logppl": {"mean": ppl}, "constraints": cons}
+
+    t = exp.check_targets(
+        [ev("sft", 100.0, ("holds", "holds"), 1.0), ev("l3m_short", hi - 1, ("holds", "undecided"), 1.2)]
+    )
+    assert t["l3m_short"]["inside"] and not t["l3m_short"]["certified"]
+    assert t["l3m_short"]["logppl_ratio_to_sft"] == pytest.approx(1.2) and not t["l3m_short"]["logppl_within_10pct"]
+    assert t["sft"]["outside_at_least_two"] and "short" in t["sft"]["ranges_below"]
+
+
+def test_length_experiment_data_split():
+    from conftest import SHARED_DATA
+
+    from l3m.data import load_examples, split_heldout
+
+    exp = _experiment()
+    if not exp.DATA.is_file():
+        pytest.skip(f"the shared data set {exp.DATA} is absent (see ../shared/data/README.md)")
+    assert exp.DATA.is_relative_to(SHARED_DATA)
+    train, held = split_heldout(load_examples(exp.DATA), exp.BASE_CONFIG["data"]["heldout_fraction"], seed=0)
+    assert len(held) >= exp.EVAL["n_prompts"] >= 150 and exp.EVAL["k"] >= 2
+    # the data set repeats a few instructions (with other answers): 4 of the 150 held-out prompts also occur in
+    # the training part (README); no (prompt, response) pair does
+    seen = {e.prompt_text for e in train}
+    assert sum(e.prompt_text in seen for e in held[: exp.EVAL["n_prompts"]]) <= 5
+    pairs = {(e.prompt_text, e.response) for e in train}
+    assert not any((e.prompt_text, e.response) in pairs for e in held)

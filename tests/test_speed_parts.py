@@ -1,0 +1,134 @@
+"""The faster code paths of L3MTrainer give the numbers of the plain ones: shared-prompt sampling, the
+shared-prompt forward/backward, and the ``task_loss`` switch (benchmarks/speed/)."""
+
+import pytest
+import torch
+
+from l3m import L3MConfig, L3MTrainer, LengthConstraint
+from l3m.data import pad
+from l3m.errors import L3MUserError
+
+
+def make_trainer(tmp_path, model_dir, rows, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=3,
+        num_generations=2,
+        max_new_tokens=10,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    base.update(kw)
+    return L3MTrainer(
+        str(model_dir), args=L3MConfig(**base), train_dataset=rows, constraints=[LengthConstraint(5, "max")]
+    )
+
+
+def sampled_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer._sample_and_weight([batch])
+    return batch
+
+
+def loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_generate_with_a_shared_prompt_cache_draws_what_generate_draws(tmp_path, talking_model, counting_rows):
+    trainer = make_trainer(tmp_path, talking_model, counting_rows, num_generations=3, max_new_tokens=16)
+    feats = [trainer.train_dataset[i] for i in (0, 7, 19)]  # prompts of different lengths: left padding matters
+    ids = pad([f["prompt_ids"] for f in feats], trainer.processing_class.pad_token_id, "left")
+    mask = pad([[1] * len(f["prompt_ids"]) for f in feats], 0, "left")
+    assert mask.sum(1).unique().numel() > 1
+    torch.manual_seed(5)
+    got = trainer._generate(ids, mask)
+    model = trainer.model.eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            max_new_tokens=16,
+            top_k=0,
+            num_return_sequences=3,
+            eos_token_id=trainer.eos_token_ids,
+            pad_token_id=trainer.processing_class.pad_token_id,
+        )[:, ids.shape[1] :]
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
+    assert trainer._shared_prompt_cache(model, ids, mask, 3) is not None  # the shared path was the one taken
+
+
+def test_shared_prefix_logprobs_match_whole_sequence_forward(tmp_path, tiny_model, counting_rows):
+    trainer = make_trainer(tmp_path, tiny_model, counting_rows)
+    model = trainer.model.eval()
+    feats = [trainer.train_dataset[i] for i in (2, 11)]
+    pad_id = trainer.processing_class.pad_token_id
+    p_ids = pad([f["prompt_ids"] for f in feats], pad_id, "left")
+    p_mask = pad([[1] * len(f["prompt_ids"]) for f in feats], 0, "left")
+    conts = [
+        (torch.tensor([11, 12, 13, 14]), 0),
+        (torch.tensor([21]), 0),
+        (torch.tensor([31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42]), 1),
+        (torch.tensor([51, 52]), 1),
+    ]
+    shared = trainer._shared_prefix_logprobs(model, p_ids, p_mask, conts)
+    seqs = [feats[o]["prompt_ids"] + t.tolist() for t, o in conts]
+    masks = [[0] * len(feats[o]["prompt_ids"]) + [1] * t.numel() for t, o in conts]
+    plain = trainer._response_logprobs(
+        model, [(pad(seqs, pad_id), pad(masks, 0), pad([[1] * len(s) for s in seqs], 0))]
+    )
+    for (_, o), seq, a, b in zip(conts, seqs, shared, plain):
+        n = len(feats[o]["prompt_ids"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0, :-1]
+        want = logits.log_softmax(-1).gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)[n - 1 :].sum()
+        assert torch.allclose(a.sum(), want, atol=1e-4)
+        assert torch.allclose(a.sum(), b.sum(), atol=1e-4)
+
+
+@pytest.mark.parametrize("task_loss", [True, False])
+def test_compute_loss_shared_prompts_gives_the_plain_loss_and_gradient(
+    tmp_path, talking_model, counting_rows, task_loss
+):
+    # the talking model ends its samples at varied lengths: the samples' weights are not all zero
+    trainer = make_trainer(tmp_path, talking_model, counting_rows, task_loss=task_loss, max_new_tokens=30)
+    batch = sampled_batch(trainer)
+    assert "sample_prompt_ids" in batch and batch["sample_completion_ids"].shape[0] == 6
+    trainer.model.train()
+    loss_a, grads_a = loss_and_grads(trainer, batch)
+    assert not getattr(trainer, "_prefix_sharing_failed", False)
+    trainer._prefix_sharing_failed = True  # force the plain path: every sequence whole
+    loss_b, grads_b = loss_and_grads(trainer, batch)
+    assert torch.allclose(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    assert batch["sample_weights"].abs().sum() > 0 and grads_a.norm() > 0
+    rel = float((grads_a - grads_b).norm() / grads_a.norm())
+    assert rel < 1e-4, rel  # float32 rounding (in float64 the two agree to 1e-8: the log-softmax runs in float32)
+    nll = trainer._metrics.get("task_nll", [])
+    assert (len(nll) == 2) if task_loss else (nll == [])
+
+
+def test_task_loss_false_drops_the_task_term_and_needs_a_constraint(tmp_path, tiny_model, counting_rows):
+    with_task = make_trainer(tmp_path / "a", tiny_model, counting_rows)
+    without = make_trainer(tmp_path / "b", tiny_model, counting_rows, task_loss=False)
+    batch = sampled_batch(with_task)
+    with_task.model.train()
+    without.model.train()
+    full = with_task.compute_loss(with_task.model, batch).detach()
+    task_nll = with_task._metrics["task_nll"][-1]
+    assert task_nll > 1.0  # a random model: the task term is large
+    alone = without.compute_loss(without.model, batch).detach()
+    assert float(full - alone) == pytest.approx(task_nll, rel=1e-4)
+    without.constraints = []
+    with pytest.raises(L3MUserError, match="task_loss"):
+        without.compute_loss(without.model, batch)
