@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # On this project's CPU machines torch 2.13.0 comes as a CPU build from local disk; elsewhere pick your build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow lint format clean
+.PHONY: setup demo test test-slow bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -20,11 +20,15 @@ demo: setup
 	$(VENV)/bin/l3m demo
 
 test: setup
-	$(VENV)/bin/ruff check src tests benchmarks experiments
+	$(VENV)/bin/ruff check src tests benchmarks experiments scripts
 	$(VENV)/bin/pytest -q
 
 test-slow: setup
 	$(VENV)/bin/pytest -q -m slow
+
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/speed/bench_vs_trl.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks experiments

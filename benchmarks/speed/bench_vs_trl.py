@@ -6,7 +6,9 @@ number of samples per prompt, longest completion, batch, optimiser and schedule,
 
 * ``grpo``      TRL GRPOTrainer, reward = minus the completion length in tokens;
 * ``l3m_sft``   L3MTrainer with its SFT term (its real workload) and a length constraint;
-* ``l3m_nosft`` L3MTrainer without the SFT term (``task_loss=False``): the same work as the GRPO step.
+* ``l3m_nosft`` L3MTrainer without the SFT term (``task_loss=False``): the same work as the GRPO step;
+* ``l3m_sft_plain``, ``l3m_nosft_plain`` (on request, ``--trainers``): the same, on the trainer's unshared paths
+  (every sample's prompt encoded again for sampling and for the loss), for before/after comparisons.
 
 Each trainer lives in its own worker process and trains with ``Trainer.train()``; a callback holds it at the end
 of every optimiser step until the parent says "go", so the steps alternate (A B C A B C ...) and never overlap.
@@ -19,7 +21,8 @@ the delta (peak minus the RSS before the first step) is what training adds: opti
 activations, generation cache. Each worker uses one thread (``torch.set_num_threads(1)``): the machine has two
 cores shared with other jobs, and one thread each keeps the ratio fair.
 
-Run ``python benchmarks/speed/bench_vs_trl.py`` (about 10-15 minutes on 2 CPU cores) or ``--quick``.
+Run ``python benchmarks/speed/bench_vs_trl.py`` (8-12 minutes on 2 shared CPU cores) or ``--quick`` (about 5);
+TRL comes with ``pip install -e ".[bench]"``.
 """
 
 from __future__ import annotations
@@ -369,14 +372,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trainers", default="grpo,l3m_nosft,l3m_sft", help="comma-separated, in alternation order")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the .json and .md results")
-    ap.add_argument("--tag", default="latest", help="results file name: bench_<tag>.json/.md")
+    ap.add_argument(
+        "--tag", default=None, help="results file name: bench_<tag>.json/.md (default: vs_trl, or quick with --quick)"
+    )
     a = ap.parse_args(argv)
+    a.tag = a.tag or ("quick" if a.quick else "vs_trl")
     if a.quick:
         a.steps, a.prompts_per_step, a.max_new_tokens = 2, 2, 24
     order = [t.strip() for t in a.trainers.split(",") if t.strip()]
     unknown = [t for t in order if t not in TRAINERS]
     if unknown:
         ap.error(f"unknown trainer(s) {unknown}; choose from {list(TRAINERS)}")
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        ap.error('TRL is not installed: pip install -e ".[bench]" (a benchmark-only dependency)')
     if not reset_peak_rss():
         print("warning: cannot reset the peak RSS (/proc/self/clear_refs): memory is the process-lifetime peak")
     cfg = {

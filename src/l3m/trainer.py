@@ -539,8 +539,8 @@ class L3MTrainer(Trainer):
         """``log softmax(logits)[targets]`` per position, a few rows at a time (as ``token_logprobs``).
 
         The rows are taken with ``split`` and the logits are never sliced: the backward of a slice or of an indexed
-        chunk fills a zero tensor as large as all the logits, once per slice, which cost about a twentieth of a
-        training step on a CPU; ``split`` gives the gradient back with one ``cat``.
+        chunk fills a zero tensor as large as all the logits, once per slice (about a twentieth of the loss's
+        forward and backward on a CPU); ``split`` gives the gradient back with one ``cat``.
         """
         out = []
         for lg, t in zip(logits.split(chunk), targets.split(chunk)):
