@@ -92,17 +92,24 @@ def main(argv: list[str] | None = None) -> dict:
     timings: list[dict] = []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
+        """Times whole steps, end to end: the Trainer samples (in get_batch_samples) before on_step_begin,
+        so a step is measured from the end of the previous step to the end of this one."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
-            timings.append({"step": state.global_step, "seconds": time.perf_counter() - self.t})
+            now = time.perf_counter()
+            timings.append({"step": state.global_step, "seconds": now - self.t})
+            self.t = now
 
     out_dir = tempfile.mkdtemp(prefix="l3m-gpu-check-")
+    import dataclasses
+
+    # transformers renamed gradient_checkpointing to activation_checkpointing; accept either version
+    ckpt_field = "activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(L3MConfig)} else "gradient_checkpointing"
     args = L3MConfig(
         output_dir=out_dir,
         max_steps=steps + 1,
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_steps=0,
         bf16=True,
         tf32=True if cuda else None,
-        activation_checkpointing=not ns.no_checkpointing,
+        **{ckpt_field: not ns.no_checkpointing},
         save_strategy="no",
         disable_tqdm=True,
         use_cpu=not cuda,
