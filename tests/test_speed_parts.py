@@ -132,3 +132,28 @@ def test_task_loss_false_drops_the_task_term_and_needs_a_constraint(tmp_path, ti
     without.constraints = []
     with pytest.raises(L3MUserError, match="task_loss"):
         without.compute_loss(without.model, batch)
+
+
+def test_fixed_forward_calls_make_one_call_per_micro_batch_with_the_same_loss(tmp_path, talking_model, counting_rows):
+    """Under ZeRO-3/FSDP every process must make the same forward calls (each gathers the sharded weights).
+    ``fixed_forward_calls`` makes the loss one forward call per micro-batch, whatever the lengths, and gives the
+    loss and gradient of the default (prefix-sharing, length-grouped) path."""
+    trainer = make_trainer(tmp_path, talking_model, counting_rows, max_new_tokens=30)
+    assert trainer._fixed_forward_calls() is False  # auto: off on one process
+    batch = sampled_batch(trainer)
+    lengths = batch["sample_attention_mask"].sum(1)
+    assert lengths.unique().numel() > 1  # the data-dependent case: samples of different lengths
+    trainer.model.train()
+    calls = []
+    hook = trainer.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    loss_a, grads_a = loss_and_grads(trainer, batch)
+    default_calls = len(calls)
+    assert default_calls > 1  # prompts once, then the continuations: more than one call
+    calls.clear()
+    trainer.args.fixed_forward_calls = True
+    assert trainer._fixed_forward_calls() is True
+    loss_b, grads_b = loss_and_grads(trainer, batch)
+    hook.remove()
+    assert len(calls) == 1
+    assert torch.allclose(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4

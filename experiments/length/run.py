@@ -3,7 +3,7 @@
 One command re-creates everything in ``experiments/length/results/`` (checkpoints go to ``runs/length/``,
 which git ignores):
 
-    .venv/bin/python experiments/length/run.py            # the full run (36 min on 2 shared CPU cores)
+    .venv/bin/python experiments/length/run.py            # the full run (about 70 min on 2 shared CPU cores)
     .venv/bin/python experiments/length/run.py --smoke    # 2 steps per model, 8 prompts: checks the pipeline
 
 Every model starts from SmolLM2-135M-Instruct and is trained by the same ``L3MTrainer`` with the same data,
@@ -34,13 +34,13 @@ DATA = REPO.parent / "shared" / "data" / "sft" / "instruction_data_short.json"
 # least 7 tokens wide and wider where responses are longer: the per-step estimate of the mean length from
 # 4 prompts x 4 samples has a standard deviation of several tokens (measured per model: `step_noise` in
 # results.json), and a range narrower than that noise flips in and out of feasibility from step to step.
-RANGES = {"short": (3, 10), "medium": (15, 25), "long": (35, 50)}
+RANGES = {"short": (3, 10), "medium": (20, 30), "long": (35, 50)}
 
 BASE_CONFIG = {
     "model": "default",
     "data": {"train": os.path.relpath(DATA, REPO), "heldout_fraction": 0.2},
     "training": {
-        "max_steps": 12,
+        "max_steps": 30,
         "per_device_train_batch_size": 4,
         "num_generations": 4,
         "max_new_tokens": 64,
@@ -56,6 +56,10 @@ BASE_CONFIG = {
         "disable_tqdm": True,
     },
 }
+# A second source the models never trained on: Alpaca-GPT4 prompts (longer, open-ended answers). The ranges
+# are checked there too, and its reference answers give a second task log-perplexity.
+OTHER = REPO.parent / "shared" / "data" / "sft" / "alpaca_gpt4_en_demo.json"
+N_OTHER = 60
 EVAL = {"k": 2, "n_prompts": 150, "max_new_tokens": 64, "temperature": 0.8, "batch_size": 25, "seed": 1}
 SCALE = 10.0  # c = (l_min - len) / 10 and (len - l_max) / 10: C in units of 10 tokens, as in the demo config
 
@@ -187,6 +191,24 @@ def main(argv: list[str] | None = None) -> int:
             name=name,
             warned=training_warnings(out),
         )
+        if OTHER.is_file():
+            from l3m.data import load_examples
+
+            other = load_examples(str(OTHER))[: (4 if ns.smoke else N_OTHER)]
+            ev["other_source"] = evaluate_model(
+                model,
+                trainer.processing_class,
+                cons,
+                other,
+                k=EVAL["k"],
+                max_new_tokens=EVAL["max_new_tokens"],
+                temperature=EVAL["temperature"],
+                batch_size=EVAL["batch_size"],
+                seed=EVAL["seed"],
+                max_length=384,
+                progress=False,
+                name=f"{name} on {OTHER.name}",
+            )
         t_eval = time.time() - t0
         ev["step_noise"] = step_noise(
             ev, cfg["training"]["per_device_train_batch_size"], cfg["training"]["num_generations"]
@@ -261,6 +283,10 @@ def check_targets(evs: list[dict]) -> dict:
             ratio = e["task_logppl"]["mean"] / sft["task_logppl"]["mean"]
             t["logppl_ratio_to_sft"] = ratio
             t["logppl_within_10pct"] = abs(ratio - 1) <= 0.10
+            if e.get("task_logppl_split") and sft.get("task_logppl_split"):
+                b, bs = e["task_logppl_split"], sft["task_logppl_split"]
+                t["body_ratio_to_sft"] = b["without_end_token"]["mean"] / bs["without_end_token"]["mean"]
+                t["end_token_nll"] = b["end_token_nll"]["mean"]
         out[f"l3m_{name}"] = t
     if sft:
         m = sft["lengths"]["mean"]
@@ -282,8 +308,8 @@ def _summary_md(res: dict) -> str:
         f"Data: `{res['data']}`; wall clock {res['wall_clock_s'] / 60:.1f} min on this machine's CPU.",
         "",
         "| model | range [l_min, l_max] | mean length (95% CI) | verdicts (min, max) | task log-ppl "
-        "(mean ± std) | log-ppl / SFT | train / eval time |",
-        "|---|---|---|---|---|---|---|",
+        "(mean ± std) | log-ppl / SFT | without end token / SFT | end-token NLL | train / eval time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     t = res["targets"]
     for e in res["evaluations"]:
@@ -299,11 +325,33 @@ def _summary_md(res: dict) -> str:
         verd = ", ".join(tg.get("verdicts", [])) or "—"
         ratio = f"{tg['logppl_ratio_to_sft']:.3f}" if "logppl_ratio_to_sft" in tg else "—"
         tm = res["timings"].get(e["model"], {})
+        split = e.get("task_logppl_split", {})
+        body = f"{tg['body_ratio_to_sft']:.3f}" if "body_ratio_to_sft" in tg else "—"
+        end = f"{split['end_token_nll']['mean']:.2f}" if split else "—"
         lines.append(
             f"| {e['model']} | {rng if rng else '— (no constraint)'} | {e['lengths']['mean']:.1f}{lo_hi} | {verd} | "
-            f"{e['task_logppl']['mean']:.3f} ± {e['task_logppl']['std']:.3f} | {ratio} | "
+            f"{e['task_logppl']['mean']:.3f} ± {e['task_logppl']['std']:.3f} | {ratio} | {body} | {end} | "
             f"{tm.get('train_s', 0) / 60:.1f} / {tm.get('eval_s', 0) / 60:.1f} min |"
         )
+    others = [e for e in res["evaluations"] if e.get("other_source")]
+    if others:
+        lines += [
+            "",
+            f"On {others[0]['other_source'].get('n_prompts', N_OTHER)} prompts of `{OTHER.name}`, a source no model "
+            f"trained on (k = {EVAL['k']}):",
+            "",
+            "| model | range | mean length | verdicts (min, max) | task log-ppl of its references (mean ± std) |",
+            "|---|---|---|---|---|",
+        ]
+        for e in others:
+            o, rng = e["other_source"], e.get("range")
+            name = e["model"][4:] if e["model"].startswith("l3m_") else None
+            verd = {c["name"]: c["verdict"] for c in o["constraints"]}
+            v = f"{verd[name + '_min']}, {verd[name + '_max']}" if name else "—"
+            lines.append(
+                f"| {e['model']} | {rng if rng else '—'} | {o['lengths']['mean']:.1f} | {v} | "
+                f"{o['task_logppl']['mean']:.3f} ± {o['task_logppl']['std']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

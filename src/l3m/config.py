@@ -68,6 +68,14 @@ class L3MConfig(TrainingArguments):
         },
     )
     # --- the minimax (MM) baseline (method.md section 6): min_theta max_{lambda >= 0} beta KL(pi || pi_ref) + lambda.C
+    fixed_forward_calls: bool | None = field(
+        default=None,
+        metadata={
+            "help": "One forward call per micro-batch for the loss, with no prompt-prefix sharing, so every process "
+            "makes the same calls. Needed where weights are sharded (ZeRO-3, FSDP): each forward call gathers them "
+            "on all processes together. None (default) = on exactly when weights are sharded over several processes."
+        },
+    )
     method: str = field(
         default="l3m",
         metadata={

@@ -144,23 +144,42 @@ def constraint_report(constraints: Sequence[Constraint], samples: Samples, n_boo
 
 @torch.inference_mode()
 def task_logppl(
-    model, tokenizer, examples: Sequence[Example], batch_size: int = 8, max_length: int = 512, progress: bool = True
-) -> torch.Tensor:
-    """Per-example task log-perplexity: the mean NLL per response token (prompt tokens never count)."""
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = True,
+    split_end: bool = False,
+):
+    """Per-example task log-perplexity: the mean NLL per response token (prompt tokens never count).
+
+    With ``split_end`` it also returns the log-perplexity of each response without its last token (the
+    end-of-turn token that closes it) and that token's NLL. Why: a length constraint moves mostly where the
+    model ends, so this split shows whether a rise in perplexity is the ending alone or the text itself.
+    """
     device = next(model.parameters()).device
     feats = tokenize_examples(tokenizer, list(examples), max_length=max_length, what="held-out data")
     was_training = model.training
     model.eval()
-    out = []
+    out, body, end = [], [], []
     for i in tqdm(range(0, len(feats), batch_size), desc="perplexity", disable=not progress, leave=False):
         chunk = feats[i : i + batch_size]
         ids = pad([f["input_ids"] for f in chunk], tokenizer.pad_token_id).to(device)
         attn = pad([[1] * len(f["input_ids"]) for f in chunk], 0).to(device)
         mask = pad([f["response_mask"] for f in chunk], 0).to(device)[:, 1:].float()
-        logp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
-        out.append((-(logp * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
+        nll = -token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
+        n = mask.sum(1)
+        out.append(((nll * mask).sum(1) / n.clamp(min=1)).cpu())
+        if split_end:
+            last = mask * (mask.cumsum(1) == n[:, None])  # the last response token of each row
+            end.append((nll * last).sum(1).cpu())
+            body.append(((nll * (mask - last)).sum(1) / (n - 1).clamp(min=1)).cpu())
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)  # noqa: E731
+    if split_end:
+        return cat(out), cat(body), cat(end)
+    return cat(out)
 
 
 def mean_std(x: torch.Tensor) -> tuple[float, float]:
@@ -267,9 +286,16 @@ def evaluate_model(
         "seed": seed,
     }
     if heldout:
-        nll = task_logppl(model, tokenizer, heldout, batch_size=batch_size, max_length=max_length, progress=progress)
+        nll, body, end = task_logppl(
+            model, tokenizer, heldout, batch_size=batch_size, max_length=max_length, progress=progress, split_end=True
+        )
         m, s = mean_std(nll)
         result["task_logppl"] = {"n": int(nll.numel()), "mean": m, "std": s, "per_example": nll.tolist()}
+        (mb, sb), (me, se) = mean_std(body), mean_std(end)
+        result["task_logppl_split"] = {  # the same responses without their end-of-turn token, and that token's NLL
+            "without_end_token": {"mean": mb, "std": sb},
+            "end_token_nll": {"mean": me, "std": se},
+        }
     sample_from = list(prompts) if prompts else list(heldout or [])
     if sample_from:
         samples = sample_responses(

@@ -454,7 +454,20 @@ class L3MTrainer(Trainer):
     # ------------------------------------------------------------------------------------------
     # the loss: one forward/backward for the task batch and the samples
 
-    def _response_logprobs(self, model, seqs: list[tuple]) -> list[torch.Tensor]:
+    def _fixed_forward_calls(self) -> bool:
+        """Whether the loss must make the same forward calls on every process: under ZeRO-3 and FSDP each call
+        gathers the sharded weights from all processes, so a process that made one call more would wait forever."""
+        if self.args.fixed_forward_calls is not None:
+            return bool(self.args.fixed_forward_calls)
+        if self.accelerator.num_processes < 2:
+            return False
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return bool(is_deepspeed_zero3_enabled())
+
+    def _response_logprobs(self, model, seqs: list[tuple], one_call: bool = False) -> list[torch.Tensor]:
         """Per-token log-probabilities of the masked (response) tokens of each group of sequences.
 
         Sequences are left-aligned to a common end so that only the last positions, where responses lie,
@@ -476,7 +489,7 @@ class L3MTrainer(Trainer):
                 widths.append(max(lens[start : start + n]) * n)
                 start += n
             together = max(lens) * len(lens) <= 1.15 * sum(widths)
-        groups = [list(range(len(unpadded)))] if together or len(seqs) == 1 else []
+        groups = [list(range(len(unpadded)))] if together or one_call or len(seqs) == 1 else []
         if not groups:
             start = 0
             for n in sizes:
@@ -520,6 +533,8 @@ class L3MTrainer(Trainer):
         samples = None
         if has_samples:
             samples = (inputs["sample_input_ids"], inputs["sample_mask"], inputs["sample_attention_mask"])
+        if self._fixed_forward_calls():  # sharded weights: one forward call, whatever the data
+            return self._response_logprobs(model, [g for g in (task, samples) if g is not None], one_call=True)
         if has_samples and "sample_prompt_ids" in inputs and self._can_share_prefix(model):
             p_ids, p_mask = inputs["sample_prompt_ids"], inputs["sample_prompt_mask"]
             c_ids, c_mask = inputs["sample_completion_ids"], inputs["sample_completion_mask"]
