@@ -81,6 +81,14 @@ class RewardConfig(TrainingArguments):
             "(0 = off). Reward thresholds in constraints are easier to state for centred rewards."
         },
     )
+    head_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the backbone and fit only the score head, as a Bradley-Terry logistic regression on the "
+            "backbone's features with an L2 penalty chosen by 5-fold cross-validation (l3m.reward_head): one "
+            "forward pass per text instead of epochs of fine-tuning. Texts longer than max_length keep their end."
+        },
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many optimiser steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the trainer needs its own columns (chosen/rejected ids)."}
@@ -473,39 +481,80 @@ def run_train_reward(config_path: str | None, overrides: list[str], quiet: bool 
         raise L3MUserError(f"training: {exc}") from None
     train, held, info = prepare_pairs(cfg["data"], seed=args.seed)
     model, tok = load_reward_backbone(model_name, cfg.get("dtype"), bool(cfg.get("trust_remote_code", False)))
-    peft_config = None
-    if cfg.get("peft"):
-        from peft import LoraConfig
+    if args.head_only:
+        if cfg.get("peft"):
+            raise L3MUserError("training.head_only fits the score head alone; remove the 'peft' section")
+        summary = _train_head_only(model, tok, train, args, model_name, info)
+        out = summary["output_dir"]
+    else:
+        peft_config = None
+        if cfg.get("peft"):
+            from peft import LoraConfig
 
-        peft_config = LoraConfig(task_type="SEQ_CLS", **cfg["peft"])
-    trainer = RewardTrainer(model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
-    out = trainer.save_reward_model(args.output_dir)
-    summary: dict[str, Any] = {
-        "output_dir": out,
-        "backbone": model_name,
-        "peft": cfg.get("peft"),
-        "steps": trainer.state.global_step,
-        "train_pairs": len(trainer.train_dataset),
-        "train_dropped_long": trainer.dropped_long.get("train", 0),
-        "train_seconds": round(train_s, 1),
-        "data": info,
-        "train_log": [h for h in trainer.state.log_history if "loss" in h],
-    }
+            peft_config = LoraConfig(task_type="SEQ_CLS", **cfg["peft"])
+        trainer = RewardTrainer(model, args=args, train_dataset=train, processing_class=tok, peft_config=peft_config)
+        t0 = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - t0
+        out = trainer.save_reward_model(args.output_dir)
+        summary: dict[str, Any] = {
+            "output_dir": out,
+            "backbone": model_name,
+            "peft": cfg.get("peft"),
+            "steps": trainer.state.global_step,
+            "train_pairs": len(trainer.train_dataset),
+            "train_dropped_long": trainer.dropped_long.get("train", 0),
+            "train_seconds": round(train_s, 1),
+            "data": info,
+            "train_log": [h for h in trainer.state.log_history if "loss" in h],
+        }
     if held:
         t1 = time.perf_counter()
         summary["heldout"] = evaluate_reward_model(
             out, held, batch_size=args.per_device_eval_batch_size, device=args.device
         )
         summary["heldout"]["seconds"] = round(time.perf_counter() - t1, 1)
-    if trainer.is_world_process_zero():
+    if args.process_index == 0:
         with open(os.path.join(out, EVAL_FILE), "w") as f:
             json.dump(summary, f, indent=2, default=float)
         if not quiet:
             print_reward_summary(summary)
     return summary
+
+
+def _train_head_only(model, tok, train, args: RewardConfig, model_name: str, info: dict) -> dict[str, Any]:
+    """``training.head_only``: features once, the score head fitted exactly, the model saved (see l3m.reward_head)."""
+    from l3m.reward_head import train_head_only
+
+    t0 = time.perf_counter()
+    model.to(args.device)
+    fit = train_head_only(
+        model,
+        tok,
+        train,
+        lambda pair, which: reward_text(tok, pair, which),
+        max_length=args.max_length,
+        batch_size=args.per_device_train_batch_size,
+        seed=args.seed,
+        progress=not args.disable_tqdm,
+    )
+    train_s = time.perf_counter() - t0
+    os.makedirs(args.output_dir, exist_ok=True)
+    model.save_pretrained(args.output_dir, safe_serialization=True)
+    tok.save_pretrained(args.output_dir)
+    return {
+        "output_dir": args.output_dir,
+        "backbone": model_name,
+        "peft": None,
+        "head_only": True,
+        "steps": 0,
+        "train_pairs": len(train),
+        "train_dropped_long": 0,
+        "train_seconds": round(train_s, 1),
+        "data": info,
+        "head_fit": fit,
+        "train_log": [],
+    }
 
 
 def print_reward_summary(summary: dict) -> None:
@@ -517,6 +566,13 @@ def print_reward_summary(summary: dict) -> None:
         f"[bold]reward model saved to[/bold] {summary['output_dir']}  ({summary['steps']} steps, "
         f"{summary['train_pairs']} training pairs, {summary['train_seconds']} s)"
     )
+    fit = summary.get("head_fit")
+    if fit:
+        best = next(r for r in fit["cross_validation"] if r["l2"] == fit["l2"])
+        console.print(
+            f"score head fitted on a frozen backbone: L2 {fit['l2']:g} (5-fold CV accuracy {best['cv_accuracy']:.3f}), "
+            f"training accuracy {fit['train_accuracy']:.3f}"
+        )
     h = summary.get("heldout")
     if h:
         table = Table(title="held-out pairwise accuracy (scored as a reward constraint scores)")

@@ -53,6 +53,7 @@ class RewardModel:
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
         self._tokenizer.padding_side = "right"
+        self._tokenizer.truncation_side = "left"  # a text longer than max_length keeps its end: the response
         model = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=self.trust_remote_code, use_safetensors=True
         )
