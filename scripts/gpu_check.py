@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     import dataclasses
 
     # transformers renamed gradient_checkpointing to activation_checkpointing; accept either version
-    ckpt_field = "activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(L3MConfig)} else "gradient_checkpointing"
+    fields = {f.name for f in dataclasses.fields(L3MConfig)}
+    ckpt_field = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = L3MConfig(
         output_dir=out_dir,
         max_steps=steps + 1,

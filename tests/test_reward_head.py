@@ -4,12 +4,12 @@ import json
 
 import torch
 import yaml
+from test_reward_training import toy_pairs
 
 from l3m.cli import main
 from l3m.reward_head import fit_bradley_terry_head, pooled_features
 from l3m.reward_training import load_reward_backbone, reward_text
 from l3m.rewards import RewardModel
-from test_reward_training import toy_pairs
 
 
 def test_fit_recovers_a_planted_direction_and_picks_the_penalty_by_cross_validation():
