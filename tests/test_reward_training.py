@@ -266,6 +266,14 @@ def test_plot_reward_plane_writes_figure_3(tmp_path):
     with pytest.raises(L3MUserError, match="unknown point"):
         plot_reward_plane({**results, "models": [{**models[1], "point": "P9"}]}, tmp_path / "x.png")
 
+    # `l3m report --eval results.json` recognises a reward experiment's results and draws Figure 3 in the page
+    res_file = tmp_path / "results.json"
+    res_file.write_text(json.dumps(results))
+    assert main(["report", "--eval", str(res_file), "-o", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.md").read_text()
+    assert "![reward plane](reward_plane.png)" in page and "MM@P2" in page
+    assert (tmp_path / "rep" / "reward_plane.png").stat().st_size > 10_000
+
 
 @pytest.mark.slow
 def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):

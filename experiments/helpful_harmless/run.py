@@ -81,6 +81,33 @@ FULL = {
     "deltas": [[0.25, 0.25], [0.5, 0.25], [0.25, 0.5]],  # (b1, b2) = SFT's mean rewards + deltas * reward std
     "eval": {"n_prompts": 160, "n_ppl": 200, "k": 2, "max_new_tokens": 96, "temperature": 0.8, "batch_size": 16},
 }
+# The 2-core CPU of this project's machines: reward models with a frozen 7-layer backbone and a fitted head
+# (training.head_only; see the README for why 7 layers), short runs, shorter samples, fewer evaluation prompts.
+CPU = {
+    "rm": {
+        "head_only": True,
+        "per_device_train_batch_size": 8,
+        "max_length": 256,
+        "max_train_pairs": None,
+        "max_eval_pairs": None,
+    },
+    "rm_layers": 7,
+    "rm_heldout_fraction": 0.2,
+    "steps": 12,
+    "train": {
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_new_tokens": 48,
+        "temperature": 0.8,
+        "learning_rate": 5.0e-5,
+        "lr_scheduler_type": "linear",
+        "max_length": 256,
+        "constraint_ema": 0.5,
+    },
+    "mm": FULL["mm"],
+    "deltas": FULL["deltas"],
+    "eval": {"n_prompts": 80, "n_ppl": 100, "k": 2, "max_new_tokens": 48, "temperature": 0.8, "batch_size": 20},
+}
 QUICK = {
     "rm": {**FULL["rm"], "max_steps": 4, "max_train_pairs": 32, "max_eval_pairs": 16},
     "steps": 2,
@@ -230,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return child(*argv[1:4])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few steps of every stage (pipeline check, not results)")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default=None, help="sizes (default: gpu with CUDA, else cpu)")
     p.add_argument("--model", default="default", help="initial policy (and SFT start): default SmolLM2-135M-Instruct")
     p.add_argument("--rm-model", default="default", help="reward-model backbone (default SmolLM2-135M-Instruct)")
     p.add_argument("--task-data", default=str(SHARED / "sft" / "instruction_data_short.json"))
@@ -251,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing or not Path(ns.task_data).is_file():
         print(f"missing data: {missing or ns.task_data} (see ../shared/data/README.md)", file=sys.stderr)
         return 1
-    S = QUICK if ns.quick else FULL
+    preset = "quick" if ns.quick else ns.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    S = {"quick": QUICK, "cpu": CPU, "gpu": FULL}[preset]
     steps = ns.steps or S["steps"]
     results = Path(
         ns.results or (REPO / "runs" / "helpful_harmless_quick" / "results" if ns.quick else HERE / "results")
@@ -295,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     rm_dirs, rm_info = {}, {}
     for axis in AXES:
         rm = dict(S["rm"])
-        data = {"train": [rel(f) for f in RM_DATA[axis]], "heldout_fraction": 0.1}
+        data = {"train": [rel(f) for f in RM_DATA[axis]], "heldout_fraction": S.get("rm_heldout_fraction", 0.1)}
         for key in ("max_train_pairs", "max_eval_pairs"):
             if rm.pop(key):
                 data[key] = S["rm"][key]
         cfg = {
             "model": ns.rm_model,
+            "backbone_layers": S.get("rm_layers"),
             "data": data,
             "training": {**rm, "output_dir": rel(runs / f"rm_{axis}"), "seed": ns.seed, "disable_tqdm": True},
         }
@@ -316,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. data: task split (as `l3m train` splits it), sampling prompts
     frac = 0.1
     task_train, task_held = task_split(Path(ns.task_data), frac, ns.seed)
-    harm_train, harm_held = harmful_prompts(ns.seed, 0.1)
+    harm_train, harm_held = harmful_prompts(ns.seed, S.get("rm_heldout_fraction", 0.1))
     (runs / "data").mkdir(exist_ok=True)  # derived from ../shared/data: kept out of the repository
     train_prompts_file = runs / "data" / "train_prompts.jsonl"
     write_prompts(train_prompts_file, [e.prompt_text for e in task_train], harm_train, None, ns.seed)
@@ -403,7 +433,14 @@ def main(argv: list[str] | None = None) -> int:
         "experiment": "helpful-and-harmless L3Ms vs minimax baselines (paper Figure 3, efficiency)",
         "quick": ns.quick,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "settings": {**S, "steps": steps, "model": ns.model, "rm_model": ns.rm_model, "task_data": ns.task_data},
+        "settings": {
+            **S,
+            "preset": preset,
+            "steps": steps,
+            "model": ns.model,
+            "rm_model": ns.rm_model,
+            "task_data": ns.task_data,
+        },
         "reward_models": {a: {"path": rm_dirs[a], "heldout": rm_info[a], "scale": s} for a, s in zip(AXES, scales)},
         "axes": AXES,
         "points": points,

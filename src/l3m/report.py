@@ -270,8 +270,13 @@ def make_report(
     out_dir: str | os.PathLike,
     ranges: Mapping[str, Sequence[float]] | None = None,
     title: str = "l3m report",
+    reward_results: Sequence[Mapping] = (),
 ) -> Path:
-    """Write the PNGs and ``report.md`` into ``out_dir``; returns the Markdown file."""
+    """Write the PNGs and ``report.md`` into ``out_dir``; returns the Markdown file.
+
+    ``reward_results``: results of reward-constrained experiments (``points`` and ``models``, as the
+    helpful-and-harmless experiment writes them), each drawn as the paper's Figure 3.
+    """
     from l3m.evaluation import markdown_table
 
     out = Path(out_dir)
@@ -330,6 +335,26 @@ def make_report(
         notes = [f"- {e['model']}: {w}" for e in evals for w in e.get("warnings") or []]
         if notes:
             md += ["", "Warnings:", "", *notes]
+    for i, res in enumerate(reward_results):
+        from l3m.report_rewards import markdown_reward_table, plot_reward_plane
+
+        png = f"reward_plane{'' if len(reward_results) == 1 else f'_{i + 1}'}.png"
+        plot_reward_plane(res, out / png)
+        ax = res["axes"]
+        md += [
+            f"## Reward constraints: {ax[0]} and {ax[1]}",
+            "",
+            f"![reward plane]({png})",
+            "",
+            f"*Figure (paper Figure 3): left, each model's mean rewards on held-out prompts ({ax[0]} across, "
+            f"{ax[1]} up), with 95% intervals; each constraint point (b1, b2) is a star, and the region where "
+            "both constraints hold (above and to the right of it) is shaded; a line joins each model to the point "
+            "it was trained for (circles: L3M, squares: minimax). A model meets its constraints when it lies in its "
+            "point's shaded region. Right, the task log-perplexity of held-out references per method and point "
+            "(mean ± std; lower is better).*",
+            "",
+            markdown_reward_table(res),
+        ]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path
@@ -339,10 +364,17 @@ def run_report(ns) -> Path:
     """``l3m report RUN_DIR... [--eval FILE.json]``."""
     if not ns.runs and not ns.eval:
         raise L3MUserError("give run directories (with metrics.jsonl) and/or --eval FILE.json")
-    evals = load_evaluations(ns.eval)
+    rewards, plain = [], []
+    for f in ns.eval:  # a reward experiment's results.json (points + models) is drawn as Figure 3
+        doc = json.loads(Path(f).read_text()) if Path(f).is_file() and str(f).endswith(".json") else None
+        if isinstance(doc, dict) and "points" in doc and "models" in doc:
+            rewards.append(doc)
+        else:
+            plain.append(f)
+    evals = load_evaluations(plain)
     for d in ns.runs:
         if not Path(d).is_dir():
             raise L3MUserError(f"run directory '{d}' does not exist")
-    path = make_report(ns.runs, evals, ns.output_dir, title=ns.title)
+    path = make_report(ns.runs, evals, ns.output_dir, title=ns.title, reward_results=rewards)
     print(f"report written to {path} (PNGs beside it)")
     return path

@@ -8,6 +8,7 @@ The held-out pairwise accuracy is measured through ``RewardModel`` on the saved 
 the constraint will score responses.
 
     model: default                  # the backbone: "default" (SmolLM2-135M-Instruct), a hub name or a directory
+    backbone_layers: null           # keep only the first N decoder layers (a smaller backbone)
     data:
       train: [a.json, b.jsonl.gz]   # one source or a list (see l3m.preference_data for the formats)
       eval: null                    # optional held-out pairs; else `heldout_fraction` of train, split by prompt
@@ -51,7 +52,7 @@ from l3m.rewards import format_for_reward
 logger = logging.getLogger(__name__)
 
 EVAL_FILE = "reward_eval.json"
-TOP_KEYS = {"model", "data", "peft", "training", "trust_remote_code", "dtype"}
+TOP_KEYS = {"model", "backbone_layers", "data", "peft", "training", "trust_remote_code", "dtype"}
 DATA_KEYS = {"train", "eval", "heldout_fraction", "max_train_pairs", "max_eval_pairs", "format"}
 PEFT_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save", "use_rslora"}
 DTYPES = {
@@ -164,8 +165,14 @@ class PairCollator:
 # the trainer
 
 
-def load_reward_backbone(name_or_path: str, dtype: str | None = None, trust_remote_code: bool = False):
-    """A sequence-classification model with one output on top of any causal LM (its head starts random)."""
+def load_reward_backbone(
+    name_or_path: str, dtype: str | None = None, trust_remote_code: bool = False, num_layers: int | None = None
+):
+    """A sequence-classification model with one output on top of any causal LM (its head starts random).
+
+    ``num_layers`` keeps only the first decoder layers (a smaller, faster backbone; the model saved is that
+    smaller model). Why: a frozen small LM's middle layers separate preferences better than its last one.
+    """
     from transformers import AutoModelForSequenceClassification
 
     from l3m.models import load_tokenizer, resolve_model_path
@@ -175,6 +182,7 @@ def load_reward_backbone(name_or_path: str, dtype: str | None = None, trust_remo
         resolve_model_path(name_or_path),
         num_labels=1,
         dtype=DTYPES[dtype],
+        **({"num_hidden_layers": int(num_layers)} if num_layers else {}),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
@@ -440,6 +448,9 @@ def load_reward_config(path: str | Path | None, overrides: list[str] | None = No
         _check_keys(cfg["peft"], PEFT_KEYS, f"{where}: peft")
     if cfg.get("dtype") not in DTYPES:
         raise L3MUserError(f"{where}: dtype must be one of bf16, fp16, fp32, auto, got {cfg.get('dtype')!r}")
+    n = cfg.get("backbone_layers")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise L3MUserError(f"{where}: backbone_layers must be a positive integer (decoder layers kept), got {n!r}")
     if "model" in cfg and not isinstance(cfg["model"], str):
         raise L3MUserError(f"{where}: 'model' must be a hub name, a local directory, or 'default'")
     return cfg
@@ -480,7 +491,9 @@ def run_train_reward(config_path: str | None, overrides: list[str], quiet: bool 
     except (ValueError, TypeError) as exc:
         raise L3MUserError(f"training: {exc}") from None
     train, held, info = prepare_pairs(cfg["data"], seed=args.seed)
-    model, tok = load_reward_backbone(model_name, cfg.get("dtype"), bool(cfg.get("trust_remote_code", False)))
+    model, tok = load_reward_backbone(
+        model_name, cfg.get("dtype"), bool(cfg.get("trust_remote_code", False)), cfg.get("backbone_layers")
+    )
     if args.head_only:
         if cfg.get("peft"):
             raise L3MUserError("training.head_only fits the score head alone; remove the 'peft' section")
@@ -508,6 +521,7 @@ def run_train_reward(config_path: str | None, overrides: list[str], quiet: bool 
             "data": info,
             "train_log": [h for h in trainer.state.log_history if "loss" in h],
         }
+    summary["backbone_layers"] = getattr(model.config, "num_hidden_layers", None)
     if held:
         t1 = time.perf_counter()
         summary["heldout"] = evaluate_reward_model(
