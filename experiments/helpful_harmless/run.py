@@ -45,11 +45,14 @@ SHARED = REPO.parent / "shared" / "data"
 PREF = SHARED / "preference"
 RM_DATA = {
     "helpful": [PREF / "helpful" / "pandalm_testset_v1.json", PREF / "helpful" / "autoj_testdata_pairwise.jsonl"],
-    "harmless": [
-        PREF / "harmless" / "hh_rlhf_harmless_base_dev.jsonl.gz",
-        PREF / "harmless" / "pku_saferlhf_realign_5k.json",
-    ],
+    # HH-RLHF alone: on HH's held-out pairs, adding 1,500 PKU-SafeRLHF pairs to the training pairs did not help
+    # (see the README); PKU's prompts still serve as harmful sampling prompts below
+    "harmless": [PREF / "harmless" / "hh_rlhf_harmless_base_dev.jsonl.gz"],
 }
+HARMFUL_PROMPTS = [
+    PREF / "harmless" / "hh_rlhf_harmless_base_dev.jsonl.gz",
+    PREF / "harmless" / "pku_saferlhf_realign_5k.json",
+]
 AXES = ["helpful", "harmless"]
 
 # Full-size settings (one GPU: about an hour in all; far too slow for a 2-core CPU) and the --quick ones.
@@ -181,17 +184,20 @@ def task_split(task_path: Path, frac: float, seed: int):
 
 
 def harmful_prompts(seed: int, heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """Single-turn harmful requests, split as the harmless reward model's data is (by prompt, same seed): the
-    held-out ones are requests that neither the reward model nor the policy saw in training."""
+    """Single-turn harmful requests, each source split by prompt as the harmless reward model's data is (same
+    fraction and seed): the held-out ones are requests that neither the reward model nor the policy saw."""
     from l3m.preference_data import load_preference_sources, split_pairs
 
-    pairs = load_preference_sources([str(p) for p in RM_DATA["harmless"]]).pairs
-    train, held = split_pairs(pairs, heldout_fraction, seed=seed)
+    train, held = [], []
+    for src in HARMFUL_PROMPTS:
+        t, h = split_pairs(load_preference_sources([str(src)]).pairs, heldout_fraction, seed=seed)
+        train += t
+        held += h
 
     def single(ps):
         return sorted({p.prompt_text for p in ps if len(p.prompt) == 1})
 
-    return single(train), single(held)
+    return single(train), sorted(set(single(held)) - set(single(train)))
 
 
 def write_prompts(path: Path, ordinary: list[str], harmful: list[str], n: int | None, seed: int) -> list[str]:
@@ -266,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help="checkpoint folder (default runs/helpful_harmless)")
     p.add_argument("--resume", action="store_true", help="reuse the stages an earlier run finished")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reward-models",
+        nargs=2,
+        metavar=("HELPFUL", "HARMLESS"),
+        help="use these reward models (trained by `l3m train-reward` with the configs this script writes) "
+        "instead of training them",
+    )
     ns = p.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("L3M_THREADS", "1")))  # a shared 2-core CPU: one thread per job
-    missing = [str(f) for fs in RM_DATA.values() for f in fs if not f.is_file()]
+    missing = [str(f) for fs in [*RM_DATA.values(), HARMFUL_PROMPTS] for f in fs if not f.is_file()]
     if missing or not Path(ns.task_data).is_file():
         print(f"missing data: {missing or ns.task_data} (see ../shared/data/README.md)", file=sys.stderr)
         return 1
@@ -334,7 +347,28 @@ def main(argv: list[str] | None = None) -> int:
             "data": data,
             "training": {**rm, "output_dir": rel(runs / f"rm_{axis}"), "seed": ns.seed, "disable_tqdm": True},
         }
-        rec = stage(f"rm_{axis}", "reward", cfg)
+        if ns.reward_models:  # reward models trained earlier (with these configs): read, not retrained
+            given = Path(ns.reward_models[AXES.index(axis)])
+            summary = json.loads((given / "reward_eval.json").read_text())
+            cfg_path = results / "configs" / f"rm_{axis}.yaml"
+            cfg["training"]["output_dir"] = rel(given)
+            cfg_path.write_text(
+                f"# rm_{axis}: written by experiments/helpful_harmless/run.py; `l3m train-reward` it from the repo root"
+                "\n" + yaml.safe_dump(cfg, sort_keys=False)
+            )
+            rec = {
+                "wall_s": summary["train_seconds"],
+                "output_dir": str(given),
+                "reused": True,
+                "cuda_peak_mb": None,
+                "heldout": summary.get("heldout"),
+                "steps": summary["steps"],
+            }
+            stages[f"rm_{axis}"] = rec
+            (results / "runs" / f"rm_{axis}").mkdir(exist_ok=True)
+            shutil.copy(given / "reward_eval.json", results / "runs" / f"rm_{axis}" / "reward_eval.json")
+        else:
+            rec = stage(f"rm_{axis}", "reward", cfg)
         rm_dirs[axis] = rec["output_dir"]
         rm_info[axis] = json.loads((Path(rec["output_dir"]) / "reward_eval.json").read_text())["heldout"]
         print(
