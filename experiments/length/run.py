@@ -51,6 +51,10 @@ BASE_CONFIG = {
         # (ours, documented in the README): an EMA over steps lowers the variance of the plug-in estimate of
         # C_i that sets lambda_i; with 16 samples per step the raw estimate is too noisy near a bound.
         "constraint_ema": 0.5,
+        # (ours, documented in the README): mu decays to 0.1, not to the default 0.01. With 16 samples per step
+        # the estimate of C_i is noisy; as mu -> 0.01 lambda_i swings between ~0 (just feasible) and 1/(m mu) = 50
+        # (just violated), and the run rides the boundary with large, damaging steps (see results_mu_min_0.01/)
+        "mu_min": 0.1,
         "save_strategy": "no",
         "seed": 0,
         "disable_tqdm": True,
@@ -253,7 +257,11 @@ def _save(path: Path, evs: list[dict], timings: dict, t_start: float, previous: 
         "config": BASE_CONFIG,
         "eval": EVAL,
         "timings": timings,
-        "wall_clock_s": previous.get("wall_clock_s", 0.0) + (time.time() - t_start),
+        # with --only, models come from several invocations: the sum of every model's training and evaluation
+        # time is what one full invocation takes (model loading aside)
+        "wall_clock_s": (time.time() - t_start)
+        if not previous
+        else sum(t["train_s"] + t["eval_s"] for t in timings.values()),
         "evaluations": evs,
     }
     res["targets"] = check_targets(evs)
