@@ -144,6 +144,10 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
             file=sys.stderr,
         )
         raise
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # checkpoints may hold shards (SHARDED_STATE_DICT); the final model is gathered whole, so that
+        # AutoModelForCausalLM.from_pretrained loads it (a sharded save is not loadable: seen on an H100)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)
     summary = {
         "output_dir": args.output_dir,

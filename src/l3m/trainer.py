@@ -235,8 +235,14 @@ class L3MTrainer(Trainer):
             self._sample_and_weight(batches)
         return batches, None
 
-    @torch.inference_mode()
     def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        # FSDP2 gathers the sharded weights in each forward call, which fails under inference_mode ("Inference
+        # tensors do not track version counter", seen on an H100); no_grad works there
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        with torch.no_grad() if sharded else torch.inference_mode():
+            return self._generate_samples(prompt_ids, prompt_mask)
+
+    def _generate_samples(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """``k`` samples per prompt; generation stops once every sequence has ended (or at ``max_new_tokens``).
 
         The prompts go through the model once, not ``k`` times: their KV cache (all but the last token) is
