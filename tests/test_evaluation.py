@@ -190,3 +190,21 @@ def test_markdown_table_lists_every_model_and_constraint():
     ]
     md = markdown_table(res)
     assert "1.000 ± 0.100" in md and "3.5 ± 1.9" in md and "**holds**" in md and "3 × 2" in md
+
+
+def test_task_logppl_split_at_the_end_token_recombines(talking_model, counting_rows):
+    """The log-perplexity without the end token and the end token's NLL add back up to the whole."""
+    from l3m.data import load_examples
+    from l3m.evaluation import task_logppl
+    from l3m.models import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(str(talking_model)), load_causal_lm(str(talking_model))
+    examples = load_examples(counting_rows[:6])
+    whole, body, end = task_logppl(model, tok, examples, batch_size=4, progress=False, split_end=True)
+    assert torch.equal(whole, task_logppl(model, tok, examples, batch_size=4, progress=False))
+    from l3m.data import tokenize_examples
+
+    n = torch.tensor([sum(f["response_mask"]) for f in tokenize_examples(tok, examples, max_length=512)]).double()
+    assert (n > 1).all()
+    assert torch.allclose((body.double() * (n - 1) + end.double()) / n, whole.double(), atol=1e-5)
+    assert (end >= 0).all() and (body > 0).all()
