@@ -174,18 +174,27 @@ def load_reward_backbone(
     smaller model). Why: a frozen small LM's middle layers separate preferences better than its last one.
     """
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     from l3m.models import load_tokenizer, resolve_model_path
 
     tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(name_or_path),
-        num_labels=1,
-        dtype=DTYPES[dtype],
-        **({"num_hidden_layers": int(num_layers)} if num_layers else {}),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
+    level = hf_logging.get_verbosity()
+    if num_layers:  # the dropped layers' weights would be listed one by one as "unexpected": expected here
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(name_or_path),
+            num_labels=1,
+            dtype=DTYPES[dtype],
+            **({"num_hidden_layers": int(num_layers)} if num_layers else {}),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    finally:
+        hf_logging.set_verbosity(level)
+    if num_layers:
+        logger.info("reward backbone: the first %d decoder layers of %s (a new score head)", num_layers, name_or_path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
