@@ -309,3 +309,27 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     assert (tmp_path / "results" / "figure3.png").is_file() and (tmp_path / "results" / "results.md").is_file()
     mm = [json.loads(x) for x in (tmp_path / "results" / "runs" / "mm_P1" / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in r and "constraints/helpful/lambda" in r for r in mm)
+
+
+def test_long_pairs_keep_their_ends_or_are_dropped(tiny_model):
+    """max_length cuts a long pair's texts to their last tokens (as RewardModel scores them), or drops the pair."""
+    from l3m.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    prefix = "Tell me everything about the weather today, please. " * 20
+    long = PreferencePair([{"role": "user", "content": prefix}], "sunny and calm", "stormy and cruel")
+    short = toy_pairs(1, seed=3)[0]
+    full = {w: tok(reward_text(tok, long, w), add_special_tokens=False)["input_ids"] for w in ("chosen", "rejected")}
+    n = 64
+    assert min(len(v) for v in full.values()) > n
+    feats, dropped = tokenize_pairs(tok, [long, short], max_length=n, long_pairs="truncate")
+    assert dropped == 0 and len(feats) == 2
+    assert feats[0]["chosen_input_ids"] == full["chosen"][-n:]
+    assert feats[0]["rejected_input_ids"] == full["rejected"][-n:]
+    feats, dropped = tokenize_pairs(tok, [long, short], max_length=n, long_pairs="drop")
+    assert dropped == 1 and [f["index"] for f in feats] == [1]
+    # a pair whose responses differ only before the kept ends cannot be learned from: dropped either way
+    same_end = PreferencePair(long.prompt, "no. " + "the same ending. " * 30, "yes. " + "the same ending. " * 30)
+    assert tokenize_pairs(tok, [same_end], max_length=n, long_pairs="truncate")[1] == 1
+    with pytest.raises(ValueError, match="long_pairs"):
+        RewardConfig(output_dir="x", long_pairs="cut")

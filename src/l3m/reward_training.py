@@ -73,7 +73,14 @@ class RewardConfig(TrainingArguments):
 
     max_length: int = field(
         default=512,
-        metadata={"help": "Longest formatted (prompt, response) text in tokens; longer pairs are dropped (counted)."},
+        metadata={"help": "Longest formatted (prompt, response) text in tokens; see long_pairs for longer ones."},
+    )
+    long_pairs: str = field(
+        default="truncate",
+        metadata={
+            "help": "What to do with a pair whose text is longer than max_length: 'truncate' keeps each text's last "
+            "max_length tokens (the responses), as RewardModel scores texts; 'drop' drops the pair (counted)."
+        },
     )
     center_rewards_coefficient: float = field(
         default=0.0,
@@ -103,6 +110,8 @@ class RewardConfig(TrainingArguments):
         super().__post_init__()
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if self.long_pairs not in ("truncate", "drop"):
+            raise ValueError(f"long_pairs must be 'truncate' or 'drop', got {self.long_pairs!r}")
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
 
@@ -116,10 +125,14 @@ def reward_text(tokenizer, pair: PreferencePair, which: str) -> str:
     return format_for_reward(tokenizer, pair.prompt_text, getattr(pair, which))
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int) -> tuple[list[dict], int]:
-    """Features ``{chosen_input_ids, rejected_input_ids}``; pairs longer than ``max_length`` are dropped.
+def tokenize_pairs(
+    tokenizer, pairs: Sequence[PreferencePair], max_length: int, long_pairs: str = "drop"
+) -> tuple[list[dict], int]:
+    """Features ``{chosen_input_ids, rejected_input_ids}`` and the number of pairs dropped.
 
-    Tokenised as ``RewardModel`` does (no special tokens added: the chat template already has them).
+    Tokenised as ``RewardModel`` does (no special tokens added: the chat template already has them). A text
+    longer than ``max_length`` drops its pair (``long_pairs="drop"``) or keeps its last ``max_length`` tokens
+    (``"truncate"``, what ``RewardModel`` does when it scores); a pair whose two kept ends are equal is dropped.
     """
     feats, dropped = [], 0
     for i, pair in enumerate(pairs):
@@ -127,8 +140,13 @@ def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int) 
         for which in ("chosen", "rejected"):
             ids[which] = tokenizer(reward_text(tokenizer, pair, which), add_special_tokens=False)["input_ids"]
         if max(len(ids["chosen"]), len(ids["rejected"])) > max_length:
-            dropped += 1
-            continue
+            if long_pairs == "drop":
+                dropped += 1
+                continue
+            ids = {k: v[-max_length:] for k, v in ids.items()}
+            if ids["chosen"] == ids["rejected"]:  # the pair differs only before the kept ends
+                dropped += 1
+                continue
         feats.append({"chosen_input_ids": ids["chosen"], "rejected_input_ids": ids["rejected"], "index": i})
     return feats, dropped
 
@@ -250,8 +268,8 @@ class RewardTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         self.dropped_long: dict[str, int] = {}
-        train_ds = self._as_dataset(train_dataset, processing_class, args.max_length, "train")
-        eval_ds = self._as_dataset(eval_dataset, processing_class, args.max_length, "eval")
+        train_ds = self._as_dataset(train_dataset, processing_class, args, "train")
+        eval_ds = self._as_dataset(eval_dataset, processing_class, args, "eval")
         super().__init__(
             model=model,
             args=args,
@@ -265,7 +283,7 @@ class RewardTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
-    def _as_dataset(self, data: Any, tok, max_length: int, what: str) -> PairDataset | None:
+    def _as_dataset(self, data: Any, tok, args: RewardConfig, what: str) -> PairDataset | None:
         if data is None:
             return None
         if isinstance(data, PairDataset):
@@ -275,11 +293,13 @@ class RewardTrainer(Trainer):
             pairs = load_preference_sources(data).pairs
         if not pairs:
             raise L3MUserError(f"the {what} preference data holds no usable pairs (all ties?)")
-        feats, dropped = tokenize_pairs(tok, pairs, max_length)
+        max_length = args.max_length
+        feats, dropped = tokenize_pairs(tok, pairs, max_length, args.long_pairs)
         self.dropped_long[what] = dropped
         if dropped:
+            how = "longer than" if args.long_pairs == "drop" else "that differ only before the last"
             logger.warning(
-                "%s data: dropped %d of %d pairs longer than max_length=%d", what, dropped, len(pairs), max_length
+                "%s data: dropped %d of %d pairs %s max_length=%d tokens", what, dropped, len(pairs), how, max_length
             )
         if not feats:
             raise L3MUserError(f"every {what} pair is longer than max_length={max_length} tokens; raise max_length")
