@@ -6,7 +6,9 @@ are, (b) the SFT stage only MM needs, (c) the reference model's forward pass onl
 loss's forward/backward only the L3M makes. This script splits each run's recorded wall clock into those
 parts from the per-step metrics (``time/generation_s``, ``sample/mean_length``) the trainer logged.
 
-    .venv/bin/python experiments/helpful_harmless/efficiency.py [RESULTS_DIR] [RUNS_DIR]
+    .venv/bin/python experiments/helpful_harmless/efficiency.py [RESULTS_DIR]
+
+It reads ``RESULTS_DIR/results.json`` and the copies of each run's metrics in ``RESULTS_DIR/runs/``.
 
 Prints a Markdown table and writes ``efficiency.json`` beside ``results.json``.
 """
@@ -18,7 +20,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 
 
 def run_parts(run_dir: Path, wall_s: float) -> dict:
@@ -43,7 +44,7 @@ def run_parts(run_dir: Path, wall_s: float) -> dict:
 
 def main(argv: list[str]) -> None:
     results_dir = Path(argv[0]) if argv else HERE / "results"
-    runs_dir = Path(argv[1]) if len(argv) > 1 else REPO / "runs" / "helpful_harmless"
+    runs_dir = results_dir / "runs"
     res = json.loads((results_dir / "results.json").read_text())
     eff = res["efficiency"]
     out = {"sft_wall_s": eff["sft_wall_s"], "points": {}}
