@@ -180,12 +180,16 @@ def main(argv: list[str] | None = None) -> dict:
         "final_loss": logs[max(logs)]["loss"],
     }
     print(f"l3m GPU check on {device}")
-    print(f"  model            {result['model']}, {n_params / 1e9:.3f}B parameters, {result['precision']}, "
-          f"activation checkpointing {'on' if result['activation_checkpointing'] else 'off'}")
+    print(
+        f"  model            {result['model']}, {n_params / 1e9:.3f}B parameters, {result['precision']}, "
+        f"activation checkpointing {'on' if result['activation_checkpointing'] else 'off'}"
+    )
     print(f"  batch            {n_prompts} prompts x {ns.k} samples, up to {max_new} new tokens each")
     print(f"  step time        {step_s:.3f} s (mean of {len(timed)} steps after a warm-up step)")
-    print(f"  tokens/s         {result['sampled_tokens_per_second']:.1f} sampled, "
-          f"{result['tokens_per_second']:.1f} processed in all")
+    print(
+        f"  tokens/s         {result['sampled_tokens_per_second']:.1f} sampled, "
+        f"{result['tokens_per_second']:.1f} processed in all"
+    )
     print(f"  generation share {100 * result['generation_share']:.1f}% of the step (sampling and scoring)")
     print(f"  peak memory      {peak:.2f} GiB ({result['peak_memory_kind']})")
     if ns.out:

@@ -50,11 +50,19 @@ def test_bad_data_row_names_file_and_line(tmp_path, capsys, tiny_model):
 
 
 def test_unknown_hub_model_fails_before_loading(tmp_path, data_file):
-    cfg = {"model": "no-such-org-l3m/no-such-model", "data": {"train": data_file},
-           "training": {"output_dir": str(tmp_path / "o")}}
+    cfg = {
+        "model": "no-such-org-l3m/no-such-model",
+        "data": {"train": data_file},
+        "training": {"output_dir": str(tmp_path / "o")},
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "l3m.cli", "train", write_cfg(tmp_path, cfg)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "l3m.cli", "train", write_cfg(tmp_path, cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "model 'no-such-org-l3m/no-such-model' was not found" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -47,8 +47,9 @@ def test_reward_called_once_per_step_when_shared():
         calls.append(1)
         return [1.0] * len(completions)
 
-    evaluate_constraints([RewardConstraint(reward, at_least=0), RewardConstraint(reward, at_most=2, name="b")],
-                         batch([1, 2]))
+    evaluate_constraints(
+        [RewardConstraint(reward, at_least=0), RewardConstraint(reward, at_most=2, name="b")], batch([1, 2])
+    )
     assert len(calls) == 1
 
 

@@ -52,9 +52,19 @@ def _worker(model: str, out: str, bs: int, accum: int) -> None:
 
     rows = [{"instruction": f"Repeat the word 'go' {n} times.", "output": " ".join(["go"] * n)} for n in range(1, 25)]
     args = L3MConfig(
-        output_dir=out, max_steps=STEPS, per_device_train_batch_size=bs, gradient_accumulation_steps=accum,
-        num_generations=2, max_new_tokens=10, learning_rate=1e-3, constraint_ema=0.5, save_strategy="no",
-        disable_tqdm=True, use_cpu=True, seed=0, report_to="none",
+        output_dir=out,
+        max_steps=STEPS,
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=accum,
+        num_generations=2,
+        max_new_tokens=10,
+        learning_rate=1e-3,
+        constraint_ema=0.5,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        report_to="none",
     )
     constraints = [LengthConstraint(4, "max"), RewardConstraint(vowels, at_least=18.0)]
 
@@ -78,8 +88,13 @@ def _free_port() -> int:
 
 def _env() -> dict:
     src = str(Path(__file__).resolve().parents[1] / "src")
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1",
-            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def _rows(out: Path) -> list[dict]:
@@ -95,12 +110,35 @@ def test_two_processes_match_one_process(tmp_path, tiny_model):
     assert accelerate, "accelerate's launcher is not installed beside this Python"
     one, two = tmp_path / "one", tmp_path / "two"
     me = str(Path(__file__).resolve())
-    single = subprocess.run([sys.executable, me, "worker", str(tiny_model), str(one), "4", "2"],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, me, "worker", str(tiny_model), str(one), "4", "2"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              me, "worker", str(tiny_model), str(two), "4", "1"]
+    launch = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        me,
+        "worker",
+        str(tiny_model),
+        str(two),
+        "4",
+        "1",
+    ]
     multi = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert "MULTI_CPU" in (two / "distributed.txt").read_text()  # it really ran as two gloo processes
@@ -129,19 +167,48 @@ def test_two_process_cli_run_checkpoints_and_resumes_exactly(tmp_path, tiny_mode
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in counting_rows))
     run = tmp_path / "run"
-    cfg = {"model": str(tiny_model), "data": {"train": str(data)},
-           "constraints": [{"kind": "reward", "function": f"{__name__}:vowels", "at_least": 18}],
-           "training": {"output_dir": str(run), "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 4,
-                        "num_generations": 2, "max_new_tokens": 10, "learning_rate": 1e-3, "constraint_ema": 0.5,
-                        "use_cpu": True, "disable_tqdm": True}}
+    cfg = {
+        "model": str(tiny_model),
+        "data": {"train": str(data)},
+        "constraints": [{"kind": "reward", "function": f"{__name__}:vowels", "at_least": 18}],
+        "training": {
+            "output_dir": str(run),
+            "max_steps": 4,
+            "save_steps": 2,
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "max_new_tokens": 10,
+            "learning_rate": 1e-3,
+            "constraint_ema": 0.5,
+            "use_cpu": True,
+            "disable_tqdm": True,
+        },
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), _env()["PYTHONPATH"]])}
 
     def launch(*extra):
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "l3m.cli", "train",
-               str(path), *extra]
+        cmd = [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "l3m.cli",
+            "train",
+            str(path),
+            *extra,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -167,8 +234,12 @@ def test_example_accelerate_configs_load():
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
     kinds = {p.stem: str(load_config_from_file(str(p)).distributed_type) for p in folder.glob("*.yaml")}
-    assert kinds == {"ddp": "DistributedType.MULTI_GPU", "deepspeed_zero2": "DistributedType.DEEPSPEED",
-                     "deepspeed_zero3": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP"}
+    assert kinds == {
+        "ddp": "DistributedType.MULTI_GPU",
+        "deepspeed_zero2": "DistributedType.DEEPSPEED",
+        "deepspeed_zero3": "DistributedType.DEEPSPEED",
+        "fsdp": "DistributedType.FSDP",
+    }
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

@@ -26,7 +26,7 @@ IGNORED = ("time/", "train_runtime", "train_samples_per_second", "train_steps_pe
 
 # A user reward function: the number of vowels in the response. With L3M_TEST_HANG_AT set, it stops for good once
 # that many steps are done (after touching a marker file), so the test knows when to kill the process.
-REWARD = '''
+REWARD = """
 import os, time, pathlib
 
 def vowels(prompts, completions, trainer_state=None, **kwargs):
@@ -35,11 +35,11 @@ def vowels(prompts, completions, trainer_state=None, **kwargs):
         pathlib.Path(os.environ["L3M_TEST_MARKER"]).write_text(str(trainer_state.global_step))
         time.sleep(600)
     return [float(sum(ch in "aeiou" for ch in c.lower())) for c in completions]
-'''
+"""
 
 # Runs `l3m train` with transformers' RNG-state writer stalled inside the save of checkpoint-6: the model and the
 # optimiser are written by then, the RNG state and the trainer state are not.
-HANG_IN_SAVE = '''
+HANG_IN_SAVE = """
 import os, pathlib, sys, time
 from l3m.trainer import L3MTrainer
 
@@ -54,7 +54,7 @@ def stalled(self, output_dir):
 L3MTrainer._save_rng_state = stalled
 from l3m.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
-'''
+"""
 
 
 def _env(**extra) -> dict:
@@ -78,9 +78,18 @@ def _config(tmp_path: Path, tiny_model: Path, counting_rows: list[dict], out: Pa
             {"kind": "reward", "function": f"{tmp_path / 'user_reward.py'}:vowels", "at_least": 18},
         ],
         "training": {
-            "output_dir": str(out), "max_steps": STEPS, "save_steps": SAVE_EVERY, "per_device_train_batch_size": 4,
-            "num_generations": 2, "max_new_tokens": 10, "learning_rate": 1e-3, "use_cpu": True, "seed": 0,
-            "disable_tqdm": True, "constraint_ema": 0.5, "infeasible_patience": 2,
+            "output_dir": str(out),
+            "max_steps": STEPS,
+            "save_steps": SAVE_EVERY,
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "max_new_tokens": 10,
+            "learning_rate": 1e-3,
+            "use_cpu": True,
+            "seed": 0,
+            "disable_tqdm": True,
+            "constraint_ema": 0.5,
+            "infeasible_patience": 2,
         },
     }
     path = tmp_path / f"{out.name}.yaml"
@@ -93,8 +102,10 @@ def _kill_when_marked(cmd: list[str], marker: Path, env: dict, timeout: float = 
     deadline = time.time() + timeout
     while not marker.exists():
         if proc.poll() is not None:
-            pytest.fail(f"the run ended (status {proc.returncode}) before reaching the kill point:\n"
-                        f"{proc.stderr.read()[-3000:]}")
+            pytest.fail(
+                f"the run ended (status {proc.returncode}) before reaching the kill point:\n"
+                f"{proc.stderr.read()[-3000:]}"
+            )
         if time.time() > deadline:
             proc.kill()
             pytest.fail("the run did not reach the kill point in time")
@@ -147,8 +158,13 @@ def test_kill_9_mid_step_then_resume_equals_uninterrupted_run(tmp_path, tiny_mod
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert [r["step"] for r in _steps(out)] == [1, 2, 3, 4, 5]
 
-    proc = subprocess.run([*_l3m(), "train", str(cfg), "training.resume_from_checkpoint=true"],
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*_l3m(), "train", str(cfg), "training.resume_from_checkpoint=true"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(out, reference)
 
@@ -170,12 +186,23 @@ def test_kill_9_while_saving_a_checkpoint_never_publishes_it(tmp_path, tiny_mode
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-3")
     assert json.loads((out / "checkpoint-3" / "l3m_state.json").read_text())["global_step"] == 3
 
-    proc = subprocess.run([*_l3m(), "train", str(cfg), "training.resume_from_checkpoint=true"],
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*_l3m(), "train", str(cfg), "training.resume_from_checkpoint=true"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(out.glob("tmp-checkpoint-*")), "the half-written checkpoint is cleaned up on resume"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6", "checkpoint-8"]
     for ckpt in ("checkpoint-3", "checkpoint-6", "checkpoint-8"):
-        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
-                "l3m_state.json"} <= {p.name for p in (out / ckpt).iterdir()}
+        assert {
+            "model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+            "l3m_state.json",
+        } <= {p.name for p in (out / ckpt).iterdir()}
     _assert_same_run(out, reference)

@@ -48,14 +48,29 @@ def test_pooled_features_are_what_the_head_sees(tiny_model):
 
 
 def test_cli_head_only_reward_model_learns_and_scores_through_reward_model(tmp_path, tiny_model):
-    rows = [{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
-             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in toy_pairs(120, seed=0)]
+    rows = [
+        {
+            "prompt": p.prompt,
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+        }
+        for p in toy_pairs(120, seed=0)
+    ]
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "rm"
-    cfg = {"model": str(tiny_model), "data": {"train": str(data), "heldout_fraction": 0.25},
-           "training": {"output_dir": str(out), "head_only": True, "max_length": 64, "use_cpu": True,
-                        "disable_tqdm": True, "per_device_train_batch_size": 16}}
+    cfg = {
+        "model": str(tiny_model),
+        "data": {"train": str(data), "heldout_fraction": 0.25},
+        "training": {
+            "output_dir": str(out),
+            "head_only": True,
+            "max_length": 64,
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "per_device_train_batch_size": 16,
+        },
+    }
     path = tmp_path / "rm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train-reward", str(path)]) == 0

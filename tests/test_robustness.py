@@ -30,8 +30,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "l3m"
 
 
 def tiny_args(out: Path, **kw) -> L3MConfig:
-    base = dict(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_new_tokens=8,
-                learning_rate=1e-3, save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, report_to="none")
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_new_tokens=8,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        report_to="none",
+    )
     base.update(kw)
     return L3MConfig(**base)
 
@@ -41,9 +51,18 @@ def write_config(tmp_path: Path, model, data, constraints=None, name="cfg.yaml",
         "model": str(model),
         "data": {"train": str(data)},
         "constraints": constraints or [],
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "per_device_train_batch_size": 4,
-                     "num_generations": 2, "max_new_tokens": 8, "use_cpu": True, "disable_tqdm": True,
-                     "learning_rate": 1e-3, "save_strategy": "no", **training},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "max_new_tokens": 8,
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "learning_rate": 1e-3,
+            "save_strategy": "no",
+            **training,
+        },
     }
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
@@ -86,8 +105,10 @@ def test_corrupt_data_file_through_l3m_train(tmp_path, tiny_model):
         ("[]\n", "holds no records"),  # an empty JSON array
         ("\n\n", "holds no records"),  # a file of blank lines
         ('{"prompt": "q", "response": "a"}\n', "rows.jsonl:1: the record has no reference response"),  # misnamed
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n',
-         "rows.jsonl:1: the record has no reference response (or an empty one)"),  # an empty response
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n',
+            "rows.jsonl:1: the record has no reference response (or an empty one)",
+        ),  # an empty response
     ],
 )
 def test_bad_data_sets_stop_before_training(tmp_path, tiny_model, capsys, text, message):
@@ -104,8 +125,10 @@ def test_bad_data_sets_stop_before_training(tmp_path, tiny_model, capsys, text, 
     [
         ({"peft": {"r": 4, "lora_alpah": 8}}, "unknown key 'lora_alpah' (did you mean 'lora_alpha'"),
         ({"data": {"trian": "x.jsonl"}}, "unknown key 'trian' (did you mean 'train'"),
-        ({"constraints": [{"kind": "reward", "function": "m:f", "at_lest": 1}]},
-         "unknown field 'at_lest' (did you mean 'at_least'"),
+        (
+            {"constraints": [{"kind": "reward", "function": "m:f", "at_lest": 1}]},
+            "unknown field 'at_lest' (did you mean 'at_least'",
+        ),
         ({"training": {"learnig_rate": 1e-3}}, "unknown key 'learnig_rate' (did you mean 'learning_rate'"),
     ],
 )
@@ -123,12 +146,17 @@ def test_misspelled_keys_in_every_section_suggest_the_right_one(tmp_path, data_f
 
 
 def test_long_prompts_are_truncated_with_a_counted_warning_and_training_runs(tmp_path, tiny_model, caplog):
-    rows = [{"prompt": "please read this carefully " * 60 + f"and answer {i}", "completion": "ok " * (i + 1)}
-            for i in range(6)] + [{"prompt": "short", "completion": "fine"}] * 2
+    rows = [
+        {"prompt": "please read this carefully " * 60 + f"and answer {i}", "completion": "ok " * (i + 1)}
+        for i in range(6)
+    ] + [{"prompt": "short", "completion": "fine"}] * 2
     with caplog.at_level(logging.WARNING, logger="l3m"):
-        trainer = L3MTrainer(str(tiny_model), args=tiny_args(tmp_path, max_steps=1, max_prompt_length=32,
-                                                             max_length=48),
-                             train_dataset=rows, constraints=[LengthConstraint(4, "max")])
+        trainer = L3MTrainer(
+            str(tiny_model),
+            args=tiny_args(tmp_path, max_steps=1, max_prompt_length=32, max_length=48),
+            train_dataset=rows,
+            constraints=[LengthConstraint(4, "max")],
+        )
     assert "train data: truncated 6 prompt(s) longer than max_prompt_length" in caplog.text
     assert max(len(f["prompt_ids"]) for f in trainer.prompt_feats) == 32
     assert max(len(f["input_ids"]) for f in trainer.train_dataset.items) <= 48
@@ -151,8 +179,13 @@ def test_empty_sampled_responses_are_scored_and_trained_on(tmp_path, tiny_model)
         return [float(len(c)) for c in completions]
 
     rows = [{"prompt": f"say something {i}", "completion": "something"} for i in range(8)]
-    trainer = L3MTrainer(model, args=tiny_args(tmp_path, max_steps=2), train_dataset=rows, processing_class=tok,
-                         constraints=[LengthConstraint(3, "min"), FunctionConstraint(record, name="chars")])
+    trainer = L3MTrainer(
+        model,
+        args=tiny_args(tmp_path, max_steps=2),
+        train_dataset=rows,
+        processing_class=tok,
+        constraints=[LengthConstraint(3, "min"), FunctionConstraint(record, name="chars")],
+    )
     trainer.train()
     assert len(seen) == 2 * 4 * 2 and set(seen) == {""}
     rows = [h for h in trainer.state.log_history if "loss" in h]
@@ -164,7 +197,7 @@ def test_empty_sampled_responses_are_scored_and_trained_on(tmp_path, tiny_model)
 # ----------------------------------------------------------------------------------------------
 # numerical safety: a bad reward or loss stops the run before the optimiser step
 
-FLAKY_REWARD = '''
+FLAKY_REWARD = """
 import os
 
 def flaky(prompts, completions, trainer_state=None, **kwargs):
@@ -174,16 +207,23 @@ def flaky(prompts, completions, trainer_state=None, **kwargs):
             raise ValueError("boom: the reward server is down")
         return [1.0] * (len(completions) - 1) + [float("nan")]
     return [float(len(c) % 7) for c in completions]
-'''
+"""
 
 
 def test_nan_reward_through_l3m_train_stops_saves_and_resumes(tmp_path, tiny_model, data_file):
     (tmp_path / "user_reward.py").write_text(FLAKY_REWARD)
-    cfg = write_config(tmp_path, tiny_model, data_file, max_steps=4, save_strategy="steps", save_steps=2,
-                       constraints=[{"kind": "reward", "function": f"{tmp_path / 'user_reward.py'}:flaky",
-                                     "at_least": 2}])
-    proc = subprocess.run([*_l3m(), "train", str(cfg)], env=_env(L3M_TEST_BAD_AT="2"), capture_output=True,
-                          text=True, timeout=300)
+    cfg = write_config(
+        tmp_path,
+        tiny_model,
+        data_file,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        constraints=[{"kind": "reward", "function": f"{tmp_path / 'user_reward.py'}:flaky", "at_least": 2}],
+    )
+    proc = subprocess.run(
+        [*_l3m(), "train", str(cfg)], env=_env(L3M_TEST_BAD_AT="2"), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 1
     err = proc.stderr
     assert "l3m: error: training stopped at step 2: constraint 'flaky' returned a non-finite value (nan)" in err
@@ -209,9 +249,12 @@ def test_nan_reward_takes_no_optimiser_step(tmp_path, tiny_model, counting_rows,
     from l3m.constraints import load_callable
 
     flaky = load_callable(f"{tmp_path / 'user_reward.py'}:flaky")
-    trainer = L3MTrainer(str(tiny_model), args=tiny_args(tmp_path / "run", max_steps=4, save_strategy="steps",
-                                                         save_steps=2),
-                         train_dataset=counting_rows, constraints=[RewardConstraint(flaky, at_least=2)])
+    trainer = L3MTrainer(
+        str(tiny_model),
+        args=tiny_args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=counting_rows,
+        constraints=[RewardConstraint(flaky, at_least=2)],
+    )
     with pytest.raises(NonFiniteError, match="non-finite value"):
         trainer.train()
     assert trainer.state.global_step == 2
@@ -222,14 +265,20 @@ def test_nan_reward_takes_no_optimiser_step(tmp_path, tiny_model, counting_rows,
     assert steps == {2}
 
 
-def test_reward_function_that_raises_stops_with_samples_and_traceback(tmp_path, tiny_model, data_file, capsys,
-                                                                      monkeypatch):
+def test_reward_function_that_raises_stops_with_samples_and_traceback(
+    tmp_path, tiny_model, data_file, capsys, monkeypatch
+):
     monkeypatch.setenv("L3M_TEST_BAD_AT", "1")
     monkeypatch.setenv("L3M_TEST_RAISE", "1")
     (tmp_path / "user_reward.py").write_text(FLAKY_REWARD)
-    cfg = write_config(tmp_path, tiny_model, data_file, save_strategy="steps", save_steps=1,
-                       constraints=[{"kind": "reward", "function": f"{tmp_path / 'user_reward.py'}:flaky",
-                                     "at_least": 2}])
+    cfg = write_config(
+        tmp_path,
+        tiny_model,
+        data_file,
+        save_strategy="steps",
+        save_steps=1,
+        constraints=[{"kind": "reward", "function": f"{tmp_path / 'user_reward.py'}:flaky", "at_least": 2}],
+    )
     assert main(["train", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "training stopped at step 1: a constraint function raised ValueError: boom" in err
@@ -243,8 +292,12 @@ def test_non_finite_loss_raises_before_the_optimiser_step(tmp_path, tiny_model, 
     def huge(prompts, completions, **kwargs):  # finite rewards whose weighted log-probabilities overflow float32
         return [3e38 if i % 2 else 0.0 for i in range(len(completions))]
 
-    trainer = L3MTrainer(str(tiny_model), args=tiny_args(tmp_path, max_steps=2), train_dataset=counting_rows,
-                         constraints=[FunctionConstraint(huge)])
+    trainer = L3MTrainer(
+        str(tiny_model),
+        args=tiny_args(tmp_path, max_steps=2),
+        train_dataset=counting_rows,
+        constraints=[FunctionConstraint(huge)],
+    )
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(NonFiniteError, match="the loss is .* at step 0; no optimiser step taken"):
         trainer.train()
@@ -262,15 +315,46 @@ def make_tiny_reward_model(path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
-    words = ["[PAD]", "[UNK]", "Human", "Assistant", ":", "go", "Repeat", "the", "word", "'", "times", ".", "a",
-             "is", "it", "of", "and", "to", "in", "I", "you", "that", ",", "!", "?", "for", "on", "with", "as", "be"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "Human",
+        "Assistant",
+        ":",
+        "go",
+        "Repeat",
+        "the",
+        "word",
+        "'",
+        "times",
+        ".",
+        "a",
+        "is",
+        "it",
+        "of",
+        "and",
+        "to",
+        "in",
+        "I",
+        "you",
+        "that",
+        ",",
+        "!",
+        "?",
+        "for",
+        "on",
+        "with",
+        "as",
+        "be",
+    ]
     words += [str(n) for n in range(1, 11)]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]")
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(words), n_embd=16, n_layer=1, n_head=2, n_positions=1024, num_labels=1,
-                     pad_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=len(words), n_embd=16, n_layer=1, n_head=2, n_positions=1024, num_labels=1, pad_token_id=0
+    )
     GPT2ForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -288,12 +372,19 @@ def test_reward_model_with_its_own_tokenizer(tmp_path, tiny_model, data_file):
     rm_tok = AutoTokenizer.from_pretrained(rm_path)
     rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
     with torch.no_grad():
-        want = [float(rm(**rm_tok(format_for_reward(rm_tok, p, c), return_tensors="pt")).logits[0, 0])
-                for p, c in zip(prompts, completions)]
+        want = [
+            float(rm(**rm_tok(format_for_reward(rm_tok, p, c), return_tensors="pt")).logits[0, 0])
+            for p, c in zip(prompts, completions)
+        ]
     assert got == pytest.approx(want, abs=1e-5) and got[0] != got[1]
 
-    cfg = write_config(tmp_path, tiny_model, data_file, max_steps=2,
-                       constraints=[{"kind": "reward", "model": str(rm_path), "at_least": 0.0, "name": "rm"}])
+    cfg = write_config(
+        tmp_path,
+        tiny_model,
+        data_file,
+        max_steps=2,
+        constraints=[{"kind": "reward", "model": str(rm_path), "at_least": 0.0, "name": "rm"}],
+    )
     assert main(["train", str(cfg)]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["constraints/rm/mean_raw"])) for r in rows)
@@ -303,10 +394,17 @@ def test_reward_model_with_its_own_tokenizer(tmp_path, tiny_model, data_file):
 # infeasibility
 
 
-def test_infeasible_constraint_warns_once_with_numbers_and_in_the_summary(tmp_path, tiny_model, data_file, capsys,
-                                                                          caplog):
-    cfg = write_config(tmp_path, tiny_model, data_file, max_steps=6, infeasible_patience=3,
-                       constraints=[{"kind": "length", "min": 40, "max": 1000}])  # 40 tokens > max_new_tokens
+def test_infeasible_constraint_warns_once_with_numbers_and_in_the_summary(
+    tmp_path, tiny_model, data_file, capsys, caplog
+):
+    cfg = write_config(
+        tmp_path,
+        tiny_model,
+        data_file,
+        max_steps=6,
+        infeasible_patience=3,
+        constraints=[{"kind": "length", "min": 40, "max": 1000}],
+    )  # 40 tokens > max_new_tokens
     with caplog.at_level(logging.WARNING, logger="l3m"):
         assert main(["train", str(cfg)]) == 0
     warnings = [r.getMessage() for r in caplog.records if "consecutive steps" in r.getMessage()]
@@ -332,8 +430,16 @@ def test_lora_bf16_checkpointing_then_merge(tmp_path, tiny_model, data_file):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = write_config(tmp_path, tiny_model, data_file, max_steps=3, learning_rate=5e-2, bf16=True,
-                       activation_checkpointing=True, constraints=[{"kind": "length", "max": 6}])
+    cfg = write_config(
+        tmp_path,
+        tiny_model,
+        data_file,
+        max_steps=3,
+        learning_rate=5e-2,
+        bf16=True,
+        activation_checkpointing=True,
+        constraints=[{"kind": "length", "max": 6}],
+    )
     data = yaml.safe_load(cfg.read_text())
     data["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     cfg.write_text(yaml.safe_dump(data))
@@ -371,11 +477,13 @@ def test_merge_refuses_a_pickled_adapter_and_a_non_adapter(tmp_path, tiny_model,
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_with_checkpointing_still_generates_with_the_cache(tmp_path, tiny_model, counting_rows,
-                                                                        precision):
+def test_mixed_precision_with_checkpointing_still_generates_with_the_cache(
+    tmp_path, tiny_model, counting_rows, precision
+):
     args = tiny_args(tmp_path, max_steps=2, activation_checkpointing=True, **{precision: True})
-    trainer = L3MTrainer(str(tiny_model), args=args, train_dataset=counting_rows,
-                         constraints=[LengthConstraint(4, "max")])
+    trainer = L3MTrainer(
+        str(tiny_model), args=args, train_dataset=counting_rows, constraints=[LengthConstraint(4, "max")]
+    )
     calls: list[tuple[bool, int]] = []  # (training mode, tokens fed) per forward call of the transformer body
 
     def hook(module, args, kwargs):
@@ -421,8 +529,10 @@ def test_source_loads_safetensors_only_and_never_trusts_remote_code_by_itself():
                 w = _kw(call, "weights_only")
                 if not (isinstance(w, ast.Constant) and w.value is True):
                     problems.append(f"{where}: torch.load without weights_only=True")
-            if isinstance(f, ast.Attribute) and f.attr in ("load", "loads") and getattr(f.value, "id", None) in (
-                "pickle", "dill", "joblib"
+            if (
+                isinstance(f, ast.Attribute)
+                and f.attr in ("load", "loads")
+                and getattr(f.value, "id", None) in ("pickle", "dill", "joblib")
             ):
                 problems.append(f"{where}: {f.value.id}.{f.attr}")
             if isinstance(f, ast.Attribute) and f.attr == "from_pretrained":
@@ -441,8 +551,13 @@ def test_transformers_and_peft_load_checkpoint_states_with_weights_only():
 
     for method in ("_load_rng_state", "_load_optimizer_and_scheduler", "_load_scaler", "_load_from_checkpoint"):
         tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(Trainer, method))))
-        loads = [c for c in _calls(tree) if isinstance(c.func, ast.Attribute) and c.func.attr == "load"
-                 and getattr(c.func.value, "id", None) == "torch"]
+        loads = [
+            c
+            for c in _calls(tree)
+            if isinstance(c.func, ast.Attribute)
+            and c.func.attr == "load"
+            and getattr(c.func.value, "id", None) == "torch"
+        ]
         assert all(getattr(_kw(c, "weights_only"), "value", None) is True for c in loads), method
     assert inspect.signature(save_and_load.torch_load).parameters["weights_only"].default is True
 
@@ -489,8 +604,13 @@ def test_pickled_weights_and_remote_code_are_never_run(tmp_path, tiny_model):
 def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([str(script), "--tiny", "--steps", "1", "--out", str(out)],
-                          env=_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(script), "--tiny", "--steps", "1", "--out", str(out)],
+        env=_env(PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step time" in proc.stdout and "generation share" in proc.stdout and "peak memory" in proc.stdout
     res = json.loads(out.read_text())

@@ -10,14 +10,29 @@ from l3m.data import load_examples, pad
 from l3m.evaluation import sample_responses
 
 METRIC_KEYS = {
-    "step", "mu", "loss", "task_nll", "sample/mean_length",
-    "constraints/length_max/value", "constraints/length_max/lambda", "constraints/length_max/mean_raw",
+    "step",
+    "mu",
+    "loss",
+    "task_nll",
+    "sample/mean_length",
+    "constraints/length_max/value",
+    "constraints/length_max/lambda",
+    "constraints/length_max/mean_raw",
 }
 
 
 def tiny_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_new_tokens=12,
-                learning_rate=1e-3, save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_new_tokens=12,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
     base.update(kw)
     return L3MConfig(**base)
 
@@ -51,9 +66,17 @@ def test_cli_train_tiny_config_writes_loadable_checkpoint_and_metrics(tmp_path, 
         "model": str(tiny_model),
         "data": {"train": str(data)},
         "constraints": [{"kind": "length", "max": 6}],
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 20, "per_device_train_batch_size": 4,
-                     "num_generations": 2, "max_new_tokens": 8, "save_steps": 10, "use_cpu": True,
-                     "disable_tqdm": True, "learning_rate": 1e-3},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 20,
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "max_new_tokens": 8,
+            "save_steps": 10,
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "learning_rate": 1e-3,
+        },
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -87,10 +110,21 @@ def test_length_constraint_pulls_mean_below_limit_and_lambda_falls(tmp_path, tal
     before = mean_length(talking_model, counting_rows)
     limit = round(0.5 * before)
     assert limit >= 2, f"the SFT'd tiny model's mean length is {before}: too short for the test"
-    args = tiny_args(tmp_path, max_steps=30, per_device_train_batch_size=8, num_generations=4, max_new_tokens=24,
-                     learning_rate=2e-3, logging_steps=1)
-    trainer = L3MTrainer(str(talking_model), args=args, train_dataset=counting_rows * 4,
-                         constraints=[LengthConstraint(limit, "max", scale=4)])
+    args = tiny_args(
+        tmp_path,
+        max_steps=30,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_new_tokens=24,
+        learning_rate=2e-3,
+        logging_steps=1,
+    )
+    trainer = L3MTrainer(
+        str(talking_model),
+        args=args,
+        train_dataset=counting_rows * 4,
+        constraints=[LengthConstraint(limit, "max", scale=4)],
+    )
     trainer.train()
     hist = [h for h in trainer.state.log_history if "sample/mean_length" in h]
     lengths = [h["sample/mean_length"] for h in hist]
@@ -115,8 +149,12 @@ def test_constraint_with_wide_margin_behaves_like_sft(tmp_path, tiny_model, coun
     rows = counting_rows * 4
     sft = L3MTrainer(str(tiny_model), args=tiny_args(tmp_path / "a", max_steps=8), train_dataset=rows)
     sft.train()
-    l3m = L3MTrainer(str(tiny_model), args=tiny_args(tmp_path / "b", max_steps=8), train_dataset=rows,
-                     constraints=[LengthConstraint(10_000, "max")])
+    l3m = L3MTrainer(
+        str(tiny_model),
+        args=tiny_args(tmp_path / "b", max_steps=8),
+        train_dataset=rows,
+        constraints=[LengthConstraint(10_000, "max")],
+    )
     l3m.train()
     a = [h["task_nll"] for h in sft.state.log_history if "task_nll" in h]
     b = [h["task_nll"] for h in l3m.state.log_history if "task_nll" in h]
@@ -126,6 +164,10 @@ def test_constraint_with_wide_margin_behaves_like_sft(tmp_path, tiny_model, coun
     assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.01, (a, b)
     pa = torch.cat([p.detach().flatten() for p in sft.model.parameters()])
     pb = torch.cat([p.detach().flatten() for p in l3m.model.parameters()])
-    p0 = torch.cat([p.detach().flatten() for p in L3MTrainer(str(tiny_model), args=tiny_args(tmp_path / "c"),
-                                                             train_dataset=rows).model.parameters()])
+    p0 = torch.cat(
+        [
+            p.detach().flatten()
+            for p in L3MTrainer(str(tiny_model), args=tiny_args(tmp_path / "c"), train_dataset=rows).model.parameters()
+        ]
+    )
     assert (pa - pb).norm() < 0.05 * (pa - p0).norm()  # the updates are nearly identical

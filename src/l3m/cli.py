@@ -115,15 +115,22 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
         kind = "nonfinite" if isinstance(exc, NonFiniteError) else "reward-error"
         rank = f"-rank{trainer.accelerator.process_index}" if trainer.accelerator.num_processes > 1 else ""
         dump = os.path.join(args.output_dir, f"{kind}-step-{trainer.state.global_step}{rank}.json")
-        record = {"error": str(exc), "step": trainer.state.global_step, "last_checkpoint": last,
-                  "prompt": exc.prompt, "completion": exc.completion}
+        record = {
+            "error": str(exc),
+            "step": trainer.state.global_step,
+            "last_checkpoint": last,
+            "prompt": exc.prompt,
+            "completion": exc.completion,
+        }
         if isinstance(exc, ConstraintFunctionError):
             record.update(samples=exc.samples, traceback=exc.details)
         with open(dump, "w") as f:
             json.dump(record, f, indent=2)
         where = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been written yet"
-        what = "The offending prompt and response are" if isinstance(exc, NonFiniteError) else (
-            "The samples it was scoring, and its traceback, are"
+        what = (
+            "The offending prompt and response are"
+            if isinstance(exc, NonFiniteError)
+            else ("The samples it was scoring, and its traceback, are")
         )
         raise L3MUserError(
             f"training stopped at step {trainer.state.global_step}: {exc}. No optimiser step was taken on it; "

@@ -136,8 +136,9 @@ def fit_bradley_terry_head(
     return w / scale, info
 
 
-def train_head_only(model, tokenizer, pairs, text_of, max_length: int, batch_size: int = 8, seed: int = 0,
-                    progress: bool = True) -> dict:
+def train_head_only(
+    model, tokenizer, pairs, text_of, max_length: int, batch_size: int = 8, seed: int = 0, progress: bool = True
+) -> dict:
     """Fit ``model``'s score head on ``pairs`` (the backbone untouched); returns what was measured.
 
     ``text_of(pair, "chosen" | "rejected")`` gives the exact text the reward model will score.
