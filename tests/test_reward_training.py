@@ -309,6 +309,18 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     assert (tmp_path / "results" / "figure3.png").is_file() and (tmp_path / "results" / "results.md").is_file()
     mm = [json.loads(x) for x in (tmp_path / "results" / "runs" / "mm_P1" / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in r and "constraints/helpful/lambda" in r for r in mm)
+    # the harmless reward model is fine-tuned whole from its fitted head, and the constraints use that model
+    stages = json.loads((tmp_path / "results" / "stages.json").read_text())
+    ft = yaml.safe_load((tmp_path / "results" / "configs" / "rm_harmless_ft.yaml").read_text())
+    assert Path(ft["model"]).name == "rm_harmless" and stages["rm_harmless_ft"]["output_dir"].endswith("rm_harmless_ft")
+    l3m = yaml.safe_load((tmp_path / "results" / "configs" / "l3m_P1.yaml").read_text())
+    assert {c["name"]: Path(c["model"]).name for c in l3m["constraints"]}["harmless"] == "rm_harmless_ft"
+    # the wall-clock breakdown reads the copied metrics
+    cmd = [sys.executable, str(script.parent / "efficiency.py"), str(tmp_path / "results")]
+    eff = subprocess.run(cmd, capture_output=True, text=True)
+    assert eff.returncode == 0, eff.stderr[-3000:]
+    parts = json.loads((tmp_path / "results" / "efficiency.json").read_text())["points"]["P1"]
+    assert parts["l3m"]["steps"] == 2 and 0 < parts["l3m"]["generation_s"] < parts["l3m"]["wall_s"]
 
 
 def test_long_pairs_keep_their_ends_or_are_dropped(tiny_model):

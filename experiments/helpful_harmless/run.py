@@ -129,6 +129,7 @@ CPU = {
 }
 QUICK = {
     "rm": {**FULL["rm"], "max_steps": 4, "max_train_pairs": 32, "max_eval_pairs": 16},
+    "rm_finetune": {"harmless": {**CPU["rm_finetune"]["harmless"], "max_steps": 2}},
     "steps": 2,
     "train": {**FULL["train"], "per_device_train_batch_size": 2, "num_generations": 2, "max_new_tokens": 16},
     "mm": FULL["mm"],
