@@ -53,6 +53,11 @@ BASE_CONFIG = {
         # (ours, documented in the README): an EMA over steps lowers the variance of the plug-in estimate of
         # C_i that sets lambda_i; with 16 samples per step the raw estimate is too noisy near a bound.
         "constraint_ema": 0.5,
+        # (ours, documented in the README): save the mean of the weights over the last third of the steps. Near an
+        # active bound the iterates oscillate around it (lambda jumps with each step's 16-sample estimate), and at
+        # 60 steps the last iterate of "long" ended below its l_min (results_last_iterate/) while the training
+        # samples of its last 20 steps averaged inside the range.
+        "average_tail": 0.33,
         # mu decays to the default mu_min 0.01; results_mu_min_0.1/ holds the same run with "mu_min": 0.1 (the
         # three L3Ms; SFT has no constraint and is shared): not better (see the README)
         "save_strategy": "no",
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=None, help="results folder (default experiments/length/results)")
     p.add_argument("--runs", default=None, help="checkpoint folder (default runs/length)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per model (default 60)")
+    p.add_argument("--seed", type=int, default=None, help="training seed of every model (default 0)")
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
     p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")
     ns = p.parse_args(argv)
@@ -166,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg["training"]["max_steps"] = ns.steps
         if ns.smoke:
             cfg["training"]["max_steps"] = 2
+        if ns.seed is not None:
+            cfg["training"]["seed"] = ns.seed
         cfg_path = results_dir / "configs" / f"{name}.yaml"
         cfg_path.write_text(
             f"# {name}: written by experiments/length/run.py; `l3m train` this from the repo root\n"

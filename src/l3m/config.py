@@ -56,6 +56,14 @@ class L3MConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "EMA factor for the estimates C_i across steps (0 = this step's samples only; ours: 0)."},
     )
+    average_tail: float = field(
+        default=0.0,
+        metadata={
+            "help": "Save the mean of the weights over the last fraction of optimiser steps (tail averaging, as "
+            "Polyak-Ruppert or SWA) instead of the last iterate; 0 = off (ours: off). Near an active constraint the "
+            "sampled estimates make the iterates oscillate around its boundary; their mean sits near the middle."
+        },
+    )
     baseline: str = field(
         default="leave_one_out",
         metadata={"help": "Score-function baseline: 'leave_one_out' (ours, default) or 'none'."},
@@ -124,6 +132,8 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"baseline must be 'leave_one_out' or 'none', got {self.baseline!r}")
         if not 0 <= self.constraint_ema < 1:
             raise ValueError(f"constraint_ema must be in [0, 1), got {self.constraint_ema}")
+        if not 0 <= self.average_tail <= 1:
+            raise ValueError(f"average_tail must be in [0, 1] (a fraction of the steps), got {self.average_tail}")
         if not (0 < self.mu_min <= self.mu_init):
             raise ValueError(f"need 0 < mu_min <= mu_init, got mu_min={self.mu_min}, mu_init={self.mu_init}")
         if self.max_new_tokens < 1:

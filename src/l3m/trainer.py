@@ -35,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from l3m.averaging import TailAverage
 from l3m.barrier import MuSchedule, lagrange_multipliers, relaxed_log_barrier
 from l3m.config import L3MConfig
 from l3m.constraints import Constraint, SampleBatch, evaluate_constraints, leave_one_out_baseline
@@ -161,6 +162,16 @@ class L3MTrainer(Trainer):
             from l3m.minimax import Minimax
 
             self.minimax = Minimax(self, ref_model)
+        self.tail_average: TailAverage | None = None  # average_tail > 0: save the mean of the last iterates
+        if args.average_tail:
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            if args.load_best_model_at_end:
+                raise L3MUserError("training.average_tail and load_best_model_at_end exclude each other: pick one")
+            if getattr(self, "is_fsdp_enabled", False) or is_deepspeed_zero3_enabled():
+                raise L3MUserError("training.average_tail needs whole weights on each process: not with FSDP or ZeRO-3")
+            self.tail_average = TailAverage(self.model, args.average_tail)
+            self.add_callback(self.tail_average)
         self._micro_index = 0
         if not args.disable_tqdm:
             self.remove_callback(ProgressCallback)
@@ -750,6 +761,7 @@ class L3MTrainer(Trainer):
             "global_step": self.state.global_step,
             "mu": self.mu,
             "constraints": {c.name: vars(c.state) for c in self.constraints},
+            **({"weights_averaged": self.tail_average.count} if self.tail_average else {}),
         }
 
     def _get_output_dir(self, trial) -> str:
@@ -779,6 +791,8 @@ class L3MTrainer(Trainer):
             self._staging_name = None
         if self.args.should_save:
             _write_json(os.path.join(staged, STATE_FILE), self._l3m_state_dict())
+            if self.tail_average is not None:
+                self.tail_average.save(staged)
             best = self.state.best_model_checkpoint
             if best and os.path.abspath(best).startswith(os.path.abspath(staging_root) + os.sep):
                 self.state.best_model_checkpoint = final
@@ -818,6 +832,8 @@ class L3MTrainer(Trainer):
                     setattr(con.state, k, v)
         elif self.constraints:
             logger.warning("%s has no %s: the barrier state starts afresh", checkpoint, STATE_FILE)
+        if self.tail_average is not None:
+            self.tail_average.load(checkpoint)
         if not self.is_world_process_zero():
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
