@@ -6,7 +6,7 @@ import yaml
 from l3m.cli import main
 from l3m.errors import L3MUserError
 from l3m.evaluation import length_stats
-from l3m.report import load_evaluations, make_report, read_metrics
+from l3m.report import load_evaluations, make_report, moving_average, read_metrics
 
 
 def _is_png(path):
@@ -151,3 +151,8 @@ def test_length_experiment_data_split():
     assert sum(e.prompt_text in seen for e in held[: exp.EVAL["n_prompts"]]) <= 5
     pairs = {(e.prompt_text, e.response) for e in train}
     assert not any((e.prompt_text, e.response) in pairs for e in held)
+
+
+def test_moving_average_is_the_mean_of_the_last_values():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0, 9.0], window=5) == [2.0, 3.0, 5.0]  # fewer values at the start

@@ -67,17 +67,46 @@ def constraint_names(rows: list[dict]) -> list[str]:
     return names
 
 
-def plot_training(runs: Mapping[str, list[dict]], path: str | os.PathLike) -> Path:
-    """Training curves of several runs: task NLL, mean sampled length, C_i, lambda_i, mu."""
+def moving_average(ys: Sequence[float], window: int = 5) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _noisy(ax, xs: list[float], ys: list[float], col: str, name: str, window: int = 5) -> None:
+    """A per-step series that is mostly sampling noise: faint, with its moving average drawn bold."""
+    if not xs:
+        return
+    ax.plot(xs, ys, color=col, lw=0.8, alpha=0.35)
+    ax.plot(xs, moving_average(ys, window), color=col, lw=2, label=f"{name} ({window}-step mean)")
+
+
+def plot_training(
+    runs: Mapping[str, list[dict]],
+    path: str | os.PathLike,
+    length_ranges: Mapping[str, Sequence[float]] | None = None,
+) -> Path:
+    """Training curves of several runs: task NLL, mean sampled length, C_i, lambda_i, mu.
+
+    ``length_ranges`` (run name -> [l_min, l_max]) shades each run's length range on the length panel.
+    """
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     ax_nll, ax_len, ax_mu, ax_c, ax_lam, ax_obj = axes.flatten()
     linestyles = ["-", "--", ":", "-."]
     for j, (name, rows) in enumerate(runs.items()):
         col = COLORS[j % len(COLORS)]
-        ax_nll.plot(*_series(rows, "task_nll"), color=col, label=name)
+        _noisy(ax_nll, *_series(rows, "task_nll"), col, name)
         xs, ys = _series(rows, "sample/mean_length")
         if xs:
-            ax_len.plot(xs, ys, color=col, label=name)
+            _noisy(ax_len, xs, ys, col, name)
+            if length_ranges and name in length_ranges:
+                lo, hi = length_ranges[name]
+                ax_len.axhspan(lo, hi, color=col, alpha=0.1, lw=0)
         ax_mu.plot(*_series(rows, "mu"), color=col, label=name)
         xs, ys = _series(rows, "objective")
         if xs:
@@ -90,7 +119,7 @@ def plot_training(runs: Mapping[str, list[dict]], path: str | os.PathLike) -> Pa
         title="Task loss on the training batches", xlabel="optimiser step", ylabel="task NLL (nats per response token)"
     )
     ax_len.set(
-        title="Mean length of the responses sampled in training",
+        title="Mean length of the responses sampled in training\n(shaded: each L3M's range, in its colour)",
         xlabel="optimiser step",
         ylabel="mean response length (tokens)",
     )
@@ -284,7 +313,8 @@ def make_report(
     md = [f"# {title}", ""]
     runs = {Path(d).name: read_metrics(d) for d in run_dirs}
     if runs:
-        plot_training(runs, out / "training_curves.png")
+        spans = {n: ranges[n.removeprefix("l3m_")] for n in runs if ranges and n.removeprefix("l3m_") in ranges}
+        plot_training(runs, out / "training_curves.png", spans)
         names = ", ".join(f"`{n}` ({len(r)} steps)" for n, r in runs.items())
         md += [
             "## Training curves",
@@ -292,7 +322,9 @@ def make_report(
             "![training curves](training_curves.png)",
             "",
             f"*Figure: training curves of {names}. Task NLL is the mean negative log-likelihood per reference "
-            "response token on each step's training batch; C_i is the estimate of each constraint from the "
+            "response token on each step's training batch; it and the mean sampled length are drawn per step "
+            "(faint) and as a 5-step moving average (bold), since each step sees only a few examples; "
+            "C_i is the estimate of each constraint from the "
             "step's sampled responses (feasible when ≤ 0; for a length range, C = (l_min − mean length)/scale "
             "and (mean length − l_max)/scale); λ_i is the Lagrange multiplier the barrier assigns it (large "
             "when violated, falling toward 0 as μ decays when it holds); μ decays exponentially.*",
