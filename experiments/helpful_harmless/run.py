@@ -544,7 +544,18 @@ def _entry(ev: dict, method: str, pt: dict | None) -> dict:
         e["verdicts"] = [verdict_at(ci, b) for ci, b in zip(e["rewards_ci95"], pt["b"])]
     e["n_prompts"], e["k"] = ev.get("n_prompts"), ev.get("k")
     e["examples"] = ev.get("examples", [])[:4]
+    e["task_logppl_per_example"] = ev.get("task_logppl", {}).get("per_example")  # for paired differences
     return e
+
+
+def paired_difference(a: list[float] | None, b: list[float] | None) -> dict | None:
+    """Mean of a - b over the same references, with its standard error (a paired comparison of two models)."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
+    return {"mean": m, "se": (var / len(d)) ** 0.5, "n": len(d)}
 
 
 def _mem(rec: dict) -> float:
@@ -588,6 +599,9 @@ def check_targets(res: dict) -> dict:
             "l3m_verdicts": l3m["verdicts"],
             "l3m_ok_where_mm_meets": (not mm_meets) or all(v in ("holds", "undecided") for v in l3m["verdicts"]),
             "l3m_logppl_at_or_below_mm": l3m["task_logppl"]["mean"] <= mm["task_logppl"]["mean"],
+            "logppl_l3m_minus_mm": paired_difference(
+                l3m.get("task_logppl_per_example"), mm.get("task_logppl_per_example")
+            ),
             "wall_ratio_at_most_0.7": eff["wall_ratio_l3m_to_mm"] <= 0.7,
             "l3m_lower_peak_memory": eff["l3m_peak_mb"] < eff["mm_peak_mb"],
         }
@@ -626,6 +640,10 @@ def summary_md(res: dict) -> str:
             f"| {pt['name']} | {e['l3m_wall_s'] / 60:.1f} min | {e['mm_total_wall_s'] / 60:.1f} min | "
             f"{e['wall_ratio_l3m_to_mm']:.2f} | {e['l3m_peak_mb']:.0f} | {e['mm_peak_mb']:.0f} | {met} |"
         )
+    diffs = {n: t.get("logppl_l3m_minus_mm") for n, t in res["targets"].items()}
+    if any(diffs.values()):
+        lines += ["", "Task log-perplexity, L3M − MM, paired over the same held-out references (± standard error):", ""]
+        lines += [f"- {n}: {d['mean']:+.3f} ± {d['se']:.3f} (n = {d['n']})" for n, d in diffs.items() if d]
     lines += ["", "![reward plane and task log-perplexity](figure3.png)", ""]
     return "\n".join(lines)
 
