@@ -62,7 +62,9 @@ def test_saved_model_is_the_mean_of_the_last_iterates(tmp_path, talking_model, c
 def test_resumed_run_averages_the_same_iterates(tmp_path, talking_model, counting_rows):
     kw = dict(average_tail=0.75, save_strategy="steps", save_steps=2)
     cons = lambda: [LengthConstraint(4, "max")]  # noqa: E731
-    whole = L3MTrainer(str(talking_model), args=args_for(tmp_path, **kw), train_dataset=counting_rows, constraints=cons())
+    whole = L3MTrainer(
+        str(talking_model), args=args_for(tmp_path, **kw), train_dataset=counting_rows, constraints=cons()
+    )
     whole.train()
     want = {n: p.detach().clone() for n, p in whole.model.named_parameters()}
     ckpt = tmp_path / "out" / "checkpoint-2"

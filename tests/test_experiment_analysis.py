@@ -38,13 +38,7 @@ def test_length_bound_uses_the_per_token_optimum_as_its_zero():
 
 
 def test_paired_difference_of_two_models_on_the_same_references():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "helpful_harmless" / "run.py"
-    spec = importlib.util.spec_from_file_location("hh_run", path)
-    hh_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hh_run)
-    paired_difference = hh_run.paired_difference
+    from l3m.evaluation import paired_difference
 
     d = paired_difference([1.0, 2.0, 4.0], [0.5, 1.0, 2.0])  # differences 0.5, 1, 2: mean 7/6
     assert d["mean"] == pytest.approx(7 / 6)

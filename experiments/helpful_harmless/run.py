@@ -296,10 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         help="use these reward models (trained by `l3m train-reward` with the configs this script writes) "
         "instead of training them",
     )
+    p.add_argument(
+        "--report-only", action="store_true", help="redo targets, results.md and figure3.png from results.json"
+    )
     ns = p.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.chdir(REPO)  # configs name paths relative to the repository root
+    if ns.report_only:
+        return write_report(Path(ns.results or HERE / "results"))
     import torch
     import yaml
 
@@ -523,10 +528,17 @@ def main(argv: list[str] | None = None) -> int:
         "efficiency": efficiency(stages, points),
         "wall_clock_s": time.time() - t_start,
     }
-    out["targets"] = check_targets(out)
     (results / "results.json").write_text(json.dumps(out, indent=1, default=float))
+    return write_report(results)
+
+
+def write_report(results: Path) -> int:
+    """Check the targets on ``results/results.json`` and write ``results.md`` and ``figure3.png`` beside it."""
     from l3m.report_rewards import markdown_reward_table, plot_reward_plane
 
+    out = json.loads((results / "results.json").read_text())
+    out["targets"] = check_targets(out)
+    (results / "results.json").write_text(json.dumps(out, indent=1, default=float))
     plot_reward_plane(out, results / "figure3.png")
     (results / "results.md").write_text(summary_md(out) + "\n## Every model\n\n" + markdown_reward_table(out))
     print((results / "results.md").read_text())
@@ -546,16 +558,6 @@ def _entry(ev: dict, method: str, pt: dict | None) -> dict:
     e["examples"] = ev.get("examples", [])[:4]
     e["task_logppl_per_example"] = ev.get("task_logppl", {}).get("per_example")  # for paired differences
     return e
-
-
-def paired_difference(a: list[float] | None, b: list[float] | None) -> dict | None:
-    """Mean of a - b over the same references, with its standard error (a paired comparison of two models)."""
-    if not a or not b or len(a) != len(b) or len(a) < 2:
-        return None
-    d = [x - y for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
-    return {"mean": m, "se": (var / len(d)) ** 0.5, "n": len(d)}
 
 
 def _mem(rec: dict) -> float:
@@ -586,6 +588,8 @@ def efficiency(stages: dict, points: list[dict]) -> dict:
 
 def check_targets(res: dict) -> dict:
     """The issue's targets, checked on the numbers (per point)."""
+    import l3m.evaluation as l3m_evaluation
+
     by = {(m["method"], m["point"]): m for m in res["models"]}
     out = {}
     for pt in res["points"]:
@@ -599,7 +603,7 @@ def check_targets(res: dict) -> dict:
             "l3m_verdicts": l3m["verdicts"],
             "l3m_ok_where_mm_meets": (not mm_meets) or all(v in ("holds", "undecided") for v in l3m["verdicts"]),
             "l3m_logppl_at_or_below_mm": l3m["task_logppl"]["mean"] <= mm["task_logppl"]["mean"],
-            "logppl_l3m_minus_mm": paired_difference(
+            "logppl_l3m_minus_mm": l3m_evaluation.paired_difference(
                 l3m.get("task_logppl_per_example"), mm.get("task_logppl_per_example")
             ),
             "wall_ratio_at_most_0.7": eff["wall_ratio_l3m_to_mm"] <= 0.7,

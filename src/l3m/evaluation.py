@@ -499,3 +499,13 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--name", help="the model's name in the tables (one model only)")
     p.add_argument("--output", "-o", help="write OUTPUT.json and OUTPUT.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no terminal table")
+
+
+def paired_difference(a: list[float] | None, b: list[float] | None) -> dict | None:
+    """Mean of a - b over the same references, with its standard error (a paired comparison of two models)."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
+    return {"mean": m, "se": (var / len(d)) ** 0.5, "n": len(d)}

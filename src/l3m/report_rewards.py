@@ -196,12 +196,36 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
             )
     for method in methods:
         ax2.plot([], [], marker=METHOD_MARKERS.get(method, "D"), color="grey", mec="black", ls="none", label=method)
+    # where both methods kept their per-reference values: L3M - MM paired over the same references, with its
+    # standard error (the std bars are the spread over references, far wider than the uncertainty of a difference)
+    from l3m.evaluation import paired_difference
+
+    paired = False
+    for i, p in enumerate(points):
+        per = {
+            m.get("method"): m.get("task_logppl_per_example")
+            for m in models
+            if m.get("point") == p["name"] and m.get("method") in ("L3M", "MM")
+        }
+        d = paired_difference(per.get("L3M"), per.get("MM"))
+        if d:
+            paired = True
+            ax2.annotate(
+                f"L3M − MM\n{d['mean']:+.3f} ± {d['se']:.3f}",
+                (i, 0.02),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color=color[p["name"]],
+            )
     ax2.set_xticks(range(len(points)), [p["name"] for p in points])
     ax2.set_xlim(-0.6, len(points) - 0.4)
     ax2.set(
         xlabel="constraint point",
         ylabel="task log-perplexity (nats per response token)",
-        title="Task log-perplexity (mean ± std over held-out examples)",
+        title="Task log-perplexity (mean ± std over held-out examples)"
+        + ("\nbottom: paired difference ± standard error" if paired else ""),
     )
     ax2.grid(axis="y", alpha=0.3)
     ax2.legend(fontsize=8)
