@@ -3,7 +3,7 @@
 One command re-creates everything in ``experiments/length/results/`` (checkpoints go to ``runs/length/``,
 which git ignores):
 
-    .venv/bin/python experiments/length/run.py            # the full run (about 1.5 hours on 2 shared CPU cores)
+    .venv/bin/python experiments/length/run.py            # the full run (1.4-2 hours on the 2 shared CPU cores)
     .venv/bin/python experiments/length/run.py --steps 6 --results /tmp/length6   # a shorter spot check
     .venv/bin/python experiments/length/run.py --smoke    # 2 steps per model, 8 prompts: checks the pipeline
 
