@@ -251,3 +251,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     state = PartialState()
     if state.is_main_process:
         Path(_out, "distributed.txt").write_text(f"{state.distributed_type} {state.num_processes}\n")
+    # leave the process group before exiting: left to interpreter shutdown, gloo's threads sometimes abort a
+    # process ("terminate called without an active exception") on a loaded machine after all the work is done
+    state.wait_for_everyone()
+    state.destroy_process_group()

@@ -365,7 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     except L3MUserError as exc:
         print(f"l3m: error: {exc}", file=sys.stderr)
         return 1
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under ``accelerate launch`` / ``torchrun``: all processes leave the process group together once the work is
+    done. Left to interpreter shutdown, gloo's threads sometimes abort a process on a loaded machine, and a finished
+    run then exits with an error."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
