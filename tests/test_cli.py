@@ -30,11 +30,14 @@ def data_file(tmp_path):
         ({"data": {"train": "missing.jsonl"}}, "data file 'missing.jsonl' does not exist"),
         ({"training": {"max_step": 5}}, "unknown key 'max_step' (did you mean 'max_steps'"),
         ({"modle": "x"}, "did you mean 'model'"),
+        ({"data": {"heldout_seed": "one"}}, "data.heldout_seed must be an integer, got 'one'"),
         ({"model": "/no/such/model/dir"}, "model directory '/no/such/model/dir' does not exist"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, data_file, capsys, patch, message):
     cfg = {"model": "default", "data": {"train": data_file}, "training": {"output_dir": str(tmp_path / "o")}}
+    if "data" in patch and "train" not in patch["data"]:
+        patch = {"data": {"train": data_file, **patch["data"]}}
     cfg.update(patch)
     assert main(["train", write_cfg(tmp_path, cfg)]) == 1
     err = capsys.readouterr().err
@@ -73,3 +76,22 @@ def test_overrides_and_scientific_numbers():
 
     cfg = fix_numbers(apply_overrides({"training": {}}, ["training.learning_rate=5e-5", "training.max_steps=3"]))
     assert cfg["training"] == {"learning_rate": 5e-5, "max_steps": 3}
+
+
+def test_heldout_split_stays_put_when_the_training_seed_changes(tmp_path, tiny_model, counting_rows):
+    from l3m.cli import build_run
+    from l3m.runconfig import load_run_config
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in counting_rows))
+
+    def heldout(**kw):
+        cfg = {
+            "model": str(tiny_model),
+            "data": {"train": str(data), "heldout_fraction": 0.25, **kw.pop("data", {})},
+            "training": {"output_dir": str(tmp_path / "o"), "use_cpu": True, **kw},
+        }
+        return [e.prompt_text for e in build_run(load_run_config(write_cfg(tmp_path, cfg), []))["heldout"]]
+
+    assert heldout(seed=0) == heldout(seed=1)
+    assert heldout(seed=1, data={"heldout_seed": 1}) != heldout(seed=1)

@@ -186,6 +186,9 @@ def test_cli_train_reward_config_errors(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"data": {"train": str(cfg)}, "training": {"max_lenght": 3}}))
     assert main(["train-reward", str(cfg)]) == 1
     assert "did you mean 'max_length'" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump({"data": {"train": str(cfg), "heldout_seed": 0.5}}))
+    assert main(["train-reward", str(cfg)]) == 1
+    assert "data.heldout_seed must be an integer, got 0.5" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -425,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. data: task split (as `l3m train` splits it), sampling prompts
     frac = 0.1
-    task_train, task_held = task_split(Path(ns.task_data), frac, ns.seed)
-    harm_train, harm_held = harmful_prompts(ns.seed, S.get("rm_heldout_fraction", 0.1))
+    # held-out splits with seed 0 whatever --seed is, as `l3m train` and `l3m train-reward` split (data.heldout_seed)
+    task_train, task_held = task_split(Path(ns.task_data), frac, 0)
+    harm_train, harm_held = harmful_prompts(0, S.get("rm_heldout_fraction", 0.1))
     (runs / "data").mkdir(exist_ok=True)  # derived from ../shared/data: kept out of the repository
     train_prompts_file = runs / "data" / "train_prompts.jsonl"
     write_prompts(train_prompts_file, [e.prompt_text for e in task_train], harm_train, None, ns.seed)

@@ -47,7 +47,8 @@ def build_run(cfg: dict) -> dict[str, Any]:
     train = load_examples(resolve_data_path(data["train"], base), need_response=True)
     heldout = None
     if data.get("heldout_fraction"):
-        train, heldout = split_heldout(train, float(data["heldout_fraction"]), seed=args.seed)
+        # its own seed: the held-out set stays put when training.seed changes (a seed study compares like with like)
+        train, heldout = split_heldout(train, float(data["heldout_fraction"]), seed=int(data.get("heldout_seed", 0)))
     if data.get("eval") is not None:
         heldout = load_examples(resolve_data_path(data["eval"], base), need_response=True)
     prompts = None

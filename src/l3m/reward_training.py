@@ -13,6 +13,7 @@ the constraint will score responses.
       train: [a.json, b.jsonl.gz]   # one source or a list (see l3m.preference_data for the formats)
       eval: null                    # optional held-out pairs; else `heldout_fraction` of train, split by prompt
       heldout_fraction: 0.1
+      heldout_seed: 0               # the split's seed (independent of training.seed)
       max_train_pairs: null         # optional seeded subsample
       max_eval_pairs: null
       format: null                  # force one of trl, hh, pandalm, autoj, pku (default: per record)
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_FILE = "reward_eval.json"
 TOP_KEYS = {"model", "backbone_layers", "data", "peft", "training", "trust_remote_code", "dtype"}
-DATA_KEYS = {"train", "eval", "heldout_fraction", "max_train_pairs", "max_eval_pairs", "format"}
+DATA_KEYS = {"train", "eval", "heldout_fraction", "heldout_seed", "max_train_pairs", "max_eval_pairs", "format"}
 PEFT_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save", "use_rslora"}
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -461,6 +462,8 @@ def load_reward_config(path: str | Path | None, overrides: list[str] | None = No
     frac = data.get("heldout_fraction", 0.1)
     if not isinstance(frac, int | float) or not 0 <= frac < 1:
         raise L3MUserError(f"{where}: data.heldout_fraction must be a number in [0, 1), got {frac!r}")
+    if not isinstance(data.get("heldout_seed", 0), int) or isinstance(data.get("heldout_seed", 0), bool):
+        raise L3MUserError(f"{where}: data.heldout_seed must be an integer, got {data['heldout_seed']!r}")
     for key in ("max_train_pairs", "max_eval_pairs"):
         v = data.get(key)
         if v is not None and (not isinstance(v, int) or v < 1):
@@ -496,9 +499,9 @@ def prepare_pairs(data: dict, seed: int = 0) -> tuple[list[PreferencePair], list
         info["eval_sources"] = data["eval"]
         info["eval_read"] = eval_data.describe()
     else:
-        frac = float(data.get("heldout_fraction", 0.1))
-        train, held = split_pairs(train_data.pairs, frac, seed=seed)
-        info["heldout"] = f"{frac:g} of the train pairs, split by prompt (seed {seed})"
+        frac, split_seed = float(data.get("heldout_fraction", 0.1)), int(data.get("heldout_seed", 0))
+        train, held = split_pairs(train_data.pairs, frac, seed=split_seed)  # stays put when training.seed changes
+        info["heldout"] = f"{frac:g} of the train pairs, split by prompt (seed {split_seed})"
     train = subsample(train, data.get("max_train_pairs"), seed)
     held = subsample(held, data.get("max_eval_pairs"), seed)
     if not train:

@@ -26,7 +26,7 @@ from l3m.constraints import validate_constraint_specs
 from l3m.errors import L3MUserError, did_you_mean
 
 TOP_KEYS = {"model", "data", "constraints", "peft", "training", "trust_remote_code", "dtype"}
-DATA_KEYS = {"train", "eval", "prompts", "heldout_fraction"}
+DATA_KEYS = {"train", "eval", "prompts", "heldout_fraction", "heldout_seed"}
 PEFT_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save", "use_rslora"}
 
 
@@ -134,6 +134,8 @@ def validate_run_config(cfg: dict, where: str) -> None:
     frac = data.get("heldout_fraction", 0)
     if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
         raise L3MUserError(f"{where}: data.heldout_fraction must be a number in [0, 1), got {frac!r}")
+    if not isinstance(data.get("heldout_seed", 0), int) or isinstance(data.get("heldout_seed", 0), bool):
+        raise L3MUserError(f"{where}: data.heldout_seed must be an integer, got {data['heldout_seed']!r}")
     try:
         validate_constraint_specs(cfg.get("constraints"))
     except L3MUserError as exc:
