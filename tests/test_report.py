@@ -6,7 +6,7 @@ import yaml
 from l3m.cli import main
 from l3m.errors import L3MUserError
 from l3m.evaluation import length_stats
-from l3m.report import load_evaluations, make_report, moving_average, read_metrics
+from l3m.report import averaged_steps, load_evaluations, make_report, moving_average, read_metrics
 
 
 def _is_png(path):
@@ -33,6 +33,7 @@ def tiny_run(tmp_path_factory, talking_model, counting_rows):
             "use_cpu": True,
             "disable_tqdm": True,
             "learning_rate": 1e-3,
+            "average_tail": 0.5,  # the saved model averages the last 3 steps: the report marks them
         },
     }
     path = tmp / "cfg.yaml"
@@ -156,3 +157,11 @@ def test_length_experiment_data_split():
 def test_moving_average_is_the_mean_of_the_last_values():
     assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0, 4.0, 9.0], window=5) == [2.0, 3.0, 5.0]  # fewer values at the start
+
+
+def test_report_marks_the_averaged_steps(tiny_run, tmp_path):
+    assert json.loads((tiny_run / "summary.json").read_text())["weights_averaged"] == 3
+    assert averaged_steps(tiny_run) == 3
+    assert averaged_steps(tmp_path) == 0  # no summary.json: the last iterate
+    md = make_report([tiny_run], [], tmp_path / "rep").read_text()
+    assert "Grey band: the last steps, whose weights the saved model averages" in md

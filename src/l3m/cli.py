@@ -162,6 +162,8 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
         "steps": trainer.state.global_step,
         "constraints": trainer.constraint_summary(),
         "metrics_file": os.path.join(args.output_dir, "metrics.jsonl"),
+        # average_tail: the saved weights are the mean of those after each of the last `weights_averaged` steps
+        "weights_averaged": trainer.tail_average.count if trainer.tail_average else 0,
     }
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:

@@ -46,6 +46,15 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def averaged_steps(run_dir: str | os.PathLike) -> int:
+    """How many last iterates the run's saved model averages (``average_tail``; 0 = the last iterate)."""
+    p = Path(run_dir) / "summary.json"
+    try:
+        return int(json.loads(p.read_text()).get("weights_averaged") or 0) if p.is_file() else 0
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return 0
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in rows:
@@ -90,10 +99,12 @@ def plot_training(
     runs: Mapping[str, list[dict]],
     path: str | os.PathLike,
     length_ranges: Mapping[str, Sequence[float]] | None = None,
+    averaged: Mapping[str, int] | None = None,
 ) -> Path:
     """Training curves of several runs: task NLL, mean sampled length, C_i, lambda_i, mu.
 
-    ``length_ranges`` (run name -> [l_min, l_max]) shades each run's length range on the length panel.
+    ``length_ranges`` (run name -> [l_min, l_max]) shades each run's length range on the length panel;
+    ``averaged`` (run name -> n) marks the last n steps, whose weights the saved model averages (``average_tail``).
     """
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     ax_nll, ax_len, ax_mu, ax_c, ax_lam, ax_obj = axes.flatten()
@@ -137,6 +148,21 @@ def plot_training(
         ylabel="G_μ (nats; symmetric log scale)",
         yscale="symlog",
     )
+    windows = sorted({n for n in (averaged or {}).values() if n})
+    if len(windows) == 1:  # one window shared by every run that averages (the usual case: same steps, same setting)
+        last = max((r[-1]["step"] for r in runs.values() if r), default=0)
+        for ax in (ax_nll, ax_len):
+            ax.axvspan(last - windows[0] + 0.5, last + 0.5, color="grey", alpha=0.12, lw=0)
+        ax_len.text(
+            last - windows[0] / 2,
+            0.98,
+            f"saved model = mean of\nthese {windows[0]} steps' weights",
+            transform=ax_len.get_xaxis_transform(),
+            ha="center",
+            va="top",
+            fontsize=7,
+            color="dimgrey",
+        )
     for ax in axes.flatten():
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -314,7 +340,8 @@ def make_report(
     runs = {Path(d).name: read_metrics(d) for d in run_dirs}
     if runs:
         spans = {n: ranges[n.removeprefix("l3m_")] for n in runs if ranges and n.removeprefix("l3m_") in ranges}
-        plot_training(runs, out / "training_curves.png", spans)
+        averaged = {Path(d).name: averaged_steps(d) for d in run_dirs}
+        plot_training(runs, out / "training_curves.png", spans, averaged)
         names = ", ".join(f"`{n}` ({len(r)} steps)" for n, r in runs.items())
         md += [
             "## Training curves",
@@ -327,7 +354,12 @@ def make_report(
             "C_i is the estimate of each constraint from the "
             "step's sampled responses (feasible when ≤ 0; for a length range, C = (l_min − mean length)/scale "
             "and (mean length − l_max)/scale); λ_i is the Lagrange multiplier the barrier assigns it (large "
-            "when violated, falling toward 0 as μ decays when it holds); μ decays exponentially.*",
+            "when violated, falling toward 0 as μ decays when it holds); μ decays exponentially."
+            + (
+                " Grey band: the last steps, whose weights the saved model averages (`average_tail`).*"
+                if any(averaged.values())
+                else "*"
+            ),
             "",
         ]
     plot_barrier(out / "barrier.png")
