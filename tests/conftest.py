@@ -31,20 +31,12 @@ def counting_rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def talking_model(tmp_path_factory, tiny_model, counting_rows) -> Path:
     """The tiny model after a short SFT on ``counting_rows``: it now ends its responses, at varied lengths."""
-    from l3m import L3MConfig, L3MTrainer
+    from helpers import tiny_args
+
+    from l3m import L3MTrainer
 
     out = tmp_path_factory.mktemp("talking") / "model"
-    args = L3MConfig(
-        output_dir=str(out),
-        max_steps=100,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        report_to="none",
-    )
+    args = tiny_args(out, output_dir=str(out), max_steps=100, per_device_train_batch_size=8, learning_rate=1e-2)
     trainer = L3MTrainer(str(tiny_model), args=args, train_dataset=counting_rows * 4)
     trainer.train()
     trainer.save_model(str(out))

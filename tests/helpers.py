@@ -32,3 +32,22 @@ def make_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_args(tmp_path, **kw):
+    """L3MConfig for the tiny test models: a few short samples, no checkpoints, CPU, seed 0; ``kw`` overrides."""
+    from l3m import L3MConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_new_tokens=12,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    base.update(kw)
+    return L3MConfig(**base)

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from helpers import tiny_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from l3m import L3MConfig, L3MTrainer, LengthConstraint
+from l3m import L3MTrainer, LengthConstraint
 from l3m.averaging import AVERAGE_FILE
 
 
@@ -22,19 +23,7 @@ class RecordWeights(TrainerCallback):
 
 
 def args_for(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_new_tokens=8,
-        learning_rate=1e-2,
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    return L3MConfig(**{**base, **kw})
+    return tiny_args(tmp_path, max_steps=4, max_new_tokens=8, learning_rate=1e-2, **kw)
 
 
 def test_saved_model_is_the_mean_of_the_last_iterates(tmp_path, talking_model, counting_rows):

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_args
 
 from l3m import L3MConfig, L3MTrainer, LengthConstraint
 from l3m.constraints import leave_one_out_baseline
@@ -10,23 +11,8 @@ from l3m.minimax import dual_ascent_step
 
 
 def mm_args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        method="minimax",
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_new_tokens=10,
-        learning_rate=1e-3,
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        beta=0.1,
-        multiplier_lr=0.05,
-        multiplier_init=0.5,
-    )
-    base.update(kw)
-    return L3MConfig(**base)
+    mm = dict(method="minimax", max_new_tokens=10, beta=0.1, multiplier_lr=0.05, multiplier_init=0.5)
+    return tiny_args(tmp_path, **{**mm, **kw})
 
 
 def two_constraints():

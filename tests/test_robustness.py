@@ -18,6 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
@@ -30,20 +31,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "l3m"
 
 
 def tiny_args(out: Path, **kw) -> L3MConfig:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_new_tokens=8,
-        learning_rate=1e-3,
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        report_to="none",
-    )
-    base.update(kw)
-    return L3MConfig(**base)
+    """The shared tiny-model settings, writing into ``out`` itself."""
+    return helpers.tiny_args(out, **{"output_dir": str(out), "max_new_tokens": 8, **kw})
 
 
 def write_config(tmp_path: Path, model, data, constraints=None, name="cfg.yaml", **training) -> Path:

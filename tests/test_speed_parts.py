@@ -3,28 +3,16 @@ shared-prompt forward/backward, and the ``task_loss`` switch (benchmarks/speed/)
 
 import pytest
 import torch
+from helpers import tiny_args
 
-from l3m import L3MConfig, L3MTrainer, LengthConstraint
+from l3m import L3MTrainer, LengthConstraint
 from l3m.data import pad
 from l3m.errors import L3MUserError
 
 
 def make_trainer(tmp_path, model_dir, rows, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=3,
-        num_generations=2,
-        max_new_tokens=10,
-        learning_rate=1e-3,
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    base.update(kw)
-    return L3MTrainer(
-        str(model_dir), args=L3MConfig(**base), train_dataset=rows, constraints=[LengthConstraint(5, "max")]
-    )
+    args = tiny_args(tmp_path, **{"per_device_train_batch_size": 3, "max_new_tokens": 10, **kw})
+    return L3MTrainer(str(model_dir), args=args, train_dataset=rows, constraints=[LengthConstraint(5, "max")])
 
 
 def sampled_batch(trainer):

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 import yaml
+from helpers import tiny_args
 
-from l3m import L3MConfig, L3MTrainer, LengthConstraint
+from l3m import L3MTrainer, LengthConstraint
 from l3m.cli import main
 from l3m.data import load_examples, pad
 from l3m.evaluation import sample_responses
@@ -19,22 +20,6 @@ METRIC_KEYS = {
     "constraints/length_max/lambda",
     "constraints/length_max/mean_raw",
 }
-
-
-def tiny_args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_new_tokens=12,
-        learning_rate=1e-3,
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-    )
-    base.update(kw)
-    return L3MConfig(**base)
 
 
 def test_response_logprobs_match_a_plain_forward(tmp_path, tiny_model, counting_rows):
