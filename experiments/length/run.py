@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None, help="checkpoint folder (default runs/length)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per model (default 60)")
     p.add_argument("--seed", type=int, default=None, help="training seed of every model (default 0)")
+    p.add_argument(
+        "--heldout-seed", type=int, default=None, help="seed of the train/held-out split (data.heldout_seed; default 0)"
+    )
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
     p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")
     ns = p.parse_args(argv)
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg["training"]["max_steps"] = 2
         if ns.seed is not None:
             cfg["training"]["seed"] = ns.seed
+        if ns.heldout_seed is not None:
+            cfg["data"]["heldout_seed"] = ns.heldout_seed
         cfg_path = results_dir / "configs" / f"{name}.yaml"
         cfg_path.write_text(
             f"# {name}: written by experiments/length/run.py; `l3m train` this from the repo root\n"
