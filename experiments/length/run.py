@@ -6,6 +6,7 @@ which git ignores):
     .venv/bin/python experiments/length/run.py            # the full run (1.4-2 hours on the 2 shared CPU cores)
     .venv/bin/python experiments/length/run.py --steps 6 --results /tmp/length6   # a shorter spot check
     .venv/bin/python experiments/length/run.py --smoke    # 2 steps per model, 8 prompts: checks the pipeline
+    .venv/bin/python experiments/length/run.py --only l3m_medium --set num_generations=8 --results DIR  # an ablation
 
 Every model starts from SmolLM2-135M-Instruct and is trained by the same ``L3MTrainer`` with the same data,
 seed, optimiser and number of steps; the SFT model has no constraints, each L3M has one length range
@@ -124,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--heldout-seed", type=int, default=None, help="seed of the train/held-out split (data.heldout_seed; default 0)"
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting of every model, e.g. --set num_generations=8 (repeatable; for ablations)",
+    )
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
     p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")
     ns = p.parse_args(argv)
@@ -179,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg["training"]["seed"] = ns.seed
         if ns.heldout_seed is not None:
             cfg["data"]["heldout_seed"] = ns.heldout_seed
+        for item in ns.set:
+            key, _, value = item.partition("=")
+            cfg["training"][key] = yaml.safe_load(value)
         cfg_path = results_dir / "configs" / f"{name}.yaml"
         cfg_path.write_text(
             f"# {name}: written by experiments/length/run.py; `l3m train` this from the repo root\n"
