@@ -165,3 +165,16 @@ def test_report_marks_the_averaged_steps(tiny_run, tmp_path):
     assert averaged_steps(tmp_path) == 0  # no summary.json: the last iterate
     md = make_report([tiny_run], [], tmp_path / "rep").read_text()
     assert "Grey band: the last steps, whose weights the saved model averages" in md
+
+
+def test_length_experiment_deals_models_to_processes_by_cost():
+    """--jobs 2: the longest-running L3M gets a process of its own load class; every model runs exactly once."""
+    exp = _experiment()
+    models = list(exp.model_configs())
+    groups = exp.split_jobs(models, 2)
+    assert sorted(sum(groups, [])) == sorted(models)
+    loads = [sum(exp.COST[m] for m in g) for g in groups]
+    assert max(loads) - min(loads) <= min(exp.COST.values()) + 1e-9  # as even as whole models allow here
+    assert "l3m_long" in groups[0]
+    assert exp.split_jobs(["sft"], 4) == [["sft"]]  # never more processes than models
+    assert len(exp.split_jobs(models, 1)) == 1

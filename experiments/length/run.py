@@ -3,7 +3,7 @@
 One command re-creates everything in ``experiments/length/results/`` (checkpoints go to ``runs/length/``,
 which git ignores):
 
-    .venv/bin/python experiments/length/run.py            # the full run (1.4-2 hours on the 2 shared CPU cores)
+    .venv/bin/python experiments/length/run.py            # the full run: 2 processes side by side (--jobs)
     .venv/bin/python experiments/length/run.py --steps 6 --results /tmp/length6   # a shorter spot check
     .venv/bin/python experiments/length/run.py --smoke    # 2 steps per model, 8 prompts: checks the pipeline
     .venv/bin/python experiments/length/run.py --only l3m_medium --set num_generations=8 --results DIR  # an ablation
@@ -34,7 +34,7 @@ DATA = REPO.parent / "shared" / "data" / "sft" / "instruction_data_short.json"
 # temperature 0.8 (many cut at 64); SFT on this data set's short answers (median ~10 tokens) brings that down
 # to the low teens, so "short" lies below the SFT model's mean, "medium" and "long" above it. Ranges are at
 # least 7 tokens wide and wider where responses are longer: the per-step estimate of the mean length from
-# 4 prompts x 4 samples has a standard deviation of several tokens (measured per model: `step_noise` in
+# 4 prompts x 4 samples had a standard deviation of several tokens (measured per model: `step_noise` in
 # results.json), and a range narrower than that noise flips in and out of feasibility from step to step.
 RANGES = {"short": (3, 10), "medium": (20, 30), "long": (35, 50)}
 
@@ -44,7 +44,9 @@ BASE_CONFIG = {
     "training": {
         # 60 steps: at 30 (results_30_steps/) the L3Ms had made only ~60% of SFT's gain in task log-perplexity
         "max_steps": 60,
-        "per_device_train_batch_size": 4,
+        # 8 prompts x 4 samples per step: with 4 prompts (results_batch4/) the per-step estimate of the mean length
+        # was twice as noisy, the medium L3M ended below its l_min and every L3M's log-perplexity was higher
+        "per_device_train_batch_size": 8,
         "num_generations": 4,
         "max_new_tokens": 64,
         "temperature": 0.8,
@@ -134,16 +136,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
     p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="models trained side by side, each in its own process (default: 2 where there are 2 cores)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per process (default: the cores divided by --jobs)"
+    )
     ns = p.parse_args(argv)
+    if ns.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {ns.jobs}")
+    threads = ns.threads or max(1, (os.cpu_count() or 1) // ns.jobs)
+    models = [n for n in model_configs() if not ns.only or n in ns.only]
+    if ns.jobs > 1 and not ns.report_only and len(models) > 1:
+        if not DATA.is_file():
+            print(f"the data set {DATA} is missing (see ../shared/data/README.md)", file=sys.stderr)
+            return 1
+        return run_in_parallel(ns, models, threads)
 
     import torch
 
-    torch.set_num_threads(1)  # the machine has 2 cores shared with other jobs
+    # one thread per process by default: two processes side by side use the 2 cores better than one process with
+    # two threads (the model is small, and sampling is many small matrix products)
+    torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.chdir(REPO)
     import yaml
 
-    from l3m.evaluation import evaluate_model, markdown_table, print_rich, training_warnings
+    from l3m.evaluation import evaluate_model, training_warnings
     from l3m.report import make_report
 
     results_dir = Path(ns.results or ("/tmp/l3m_length_smoke" if ns.smoke else HERE / "results"))
@@ -262,6 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         _save(results_file, evs, timings, t_start, previous, ns.smoke)
     evs = [evaluations[n] for n in model_configs() if n in evaluations]
     res = _save(results_file, evs, timings, t_start, previous, ns.smoke)
+    _finish(results_dir, res)
+    return 0
+
+
+def _finish(results_dir: Path, res: dict) -> None:
+    """Write results.md, the terminal table and the report's figures from a results dict."""
+    from l3m.evaluation import markdown_table, print_rich
+    from l3m.report import make_report
+
+    evs = res["evaluations"]
     (results_dir / "results.md").write_text(_summary_md(res) + "\n## All numbers\n\n" + markdown_table(evs))
     print_rich(evs)
     make_report(
@@ -272,6 +304,98 @@ def main(argv: list[str] | None = None) -> int:
         title="Length-constrained L3Ms (paper Figure 2) on instruction_data_short",
     )
     print(f"results in {results_dir}; wall clock {res['wall_clock_s'] / 60:.1f} min")
+
+
+# Relative cost of each model (training samples longer responses costs more), to balance the parallel processes.
+COST = {"sft": 1.0, "l3m_short": 3.0, "l3m_medium": 3.5, "l3m_long": 4.5}
+
+
+def split_jobs(models: list[str], jobs: int) -> list[list[str]]:
+    """Deal the models to ``jobs`` processes, the most expensive first, each to the least loaded process."""
+    groups: list[list[str]] = [[] for _ in range(min(jobs, len(models)))]
+    load = [0.0] * len(groups)
+    for m in sorted(models, key=lambda m: -COST.get(m, 3.0)):
+        i = load.index(min(load))
+        groups[i].append(m)
+        load[i] += COST.get(m, 3.0)
+    return groups
+
+
+def run_in_parallel(ns: argparse.Namespace, models: list[str], threads: int) -> int:
+    """Run the models in ``ns.jobs`` processes of this script (``--only``, ``--jobs 1``), then merge their results.
+
+    Each process writes its own results folder under ``RESULTS/parts/``; the merged results.json counts the wall
+    clock of the whole invocation, and every model's own training and evaluation time as before.
+    """
+    import subprocess
+
+    results_dir = Path(ns.results or ("/tmp/l3m_length_smoke" if ns.smoke else HERE / "results"))
+    parts = results_dir / "parts"
+    if parts.exists():
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True)
+    # the child processes get every option of this one but the models, the results folder and the process layout
+    rest = ["--smoke"] if ns.smoke else []
+    for flag, value in (
+        ("--runs", ns.runs),
+        ("--steps", ns.steps),
+        ("--seed", ns.seed),
+        ("--heldout-seed", ns.heldout_seed),
+    ):
+        if value is not None:
+            rest += [flag, str(value)]
+    for item in ns.set:
+        rest += ["--set", item]
+    groups = split_jobs(models, ns.jobs)
+    previous = (
+        json.loads((results_dir / "results.json").read_text())
+        if ns.only and (results_dir / "results.json").is_file()
+        else {}
+    )
+    t_start = time.time()
+    procs = []
+    for i, group in enumerate(groups):
+        out = parts / f"job{i}"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *rest, "--only", *group]
+        cmd += ["--results", str(out), "--jobs", "1", "--threads", str(threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        log = open(parts / f"job{i}.log", "w")
+        print(f"== process {i}: {' '.join(group)} (log {log.name}) ==", flush=True)
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log, group))
+    failed = []
+    for proc, log, group in procs:
+        rc = proc.wait()
+        log.close()
+        print(f"== process for {' '.join(group)} finished (exit {rc}) ==", flush=True)
+        if rc != 0:
+            failed.append(f"{' '.join(group)} (exit {rc}; see {log.name})")
+    if failed:
+        print("failed: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    evaluations = {e["model"]: e for e in previous.get("evaluations", [])}
+    timings = dict(previous.get("timings", {}))
+    for i in range(len(groups)):
+        part = parts / f"job{i}"
+        r = json.loads((part / "results.json").read_text())
+        evaluations.update({e["model"]: e for e in r["evaluations"]})
+        timings.update(r["timings"])
+        for sub in ("runs", "configs"):
+            for src in (part / sub).iterdir():
+                dst = results_dir / sub / src.name
+                if src.is_dir():
+                    shutil.copytree(src, dst, dirs_exist_ok=True)
+                else:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, dst)
+    evs = [evaluations[n] for n in model_configs() if n in evaluations]
+    res = _save(results_dir / "results.json", evs, timings, t_start, {}, ns.smoke)
+    res["processes"] = {"jobs": len(groups), "threads_each": threads, "models": groups}
+    res["process_time_sum_s"] = sum(t["train_s"] + t["eval_s"] for t in timings.values())
+    if previous:  # models merged from an earlier invocation: the wall clock of this one alone would understate it
+        res["wall_clock_s"] = res["process_time_sum_s"]
+    (results_dir / "results.json").write_text(json.dumps(res, indent=1))
+    shutil.rmtree(parts)
+    _finish(results_dir, res)
     return 0
 
 
@@ -298,6 +422,8 @@ def _save(path: Path, evs: list[dict], timings: dict, t_start: float, previous: 
 
 def check_targets(evs: list[dict]) -> dict:
     """The issue's targets, checked on the numbers."""
+    from l3m.evaluation import paired_difference
+
     by = {e["model"]: e for e in evs}
     out: dict = {}
     sft = by.get("sft")
@@ -318,6 +444,10 @@ def check_targets(evs: list[dict]) -> dict:
             ratio = e["task_logppl"]["mean"] / sft["task_logppl"]["mean"]
             t["logppl_ratio_to_sft"] = ratio
             t["logppl_within_10pct"] = abs(ratio - 1) <= 0.10
+            # the same held-out references scored by both models: the paired difference has a far smaller error
+            t["logppl_minus_sft_paired"] = paired_difference(
+                e["task_logppl"].get("per_example"), sft["task_logppl"].get("per_example")
+            )
             if e.get("task_logppl_split") and sft.get("task_logppl_split"):
                 b, bs = e["task_logppl_split"], sft["task_logppl_split"]
                 t["body_ratio_to_sft"] = b["without_end_token"]["mean"] / bs["without_end_token"]["mean"]
@@ -343,8 +473,9 @@ def _summary_md(res: dict) -> str:
         f"Data: `{res['data']}`; wall clock {res['wall_clock_s'] / 60:.1f} min on this machine's CPU.",
         "",
         "| model | range [l_min, l_max] | mean length (95% CI) | verdicts (min, max) | task log-ppl "
-        "(mean ± std) | log-ppl / SFT | without end token / SFT | end-token NLL | train / eval time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(mean ± std) | log-ppl / SFT | L3M − SFT, paired (± s.e.) | without end token / SFT | end-token NLL | "
+        "train / eval time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     t = res["targets"]
     for e in res["evaluations"]:
@@ -363,9 +494,11 @@ def _summary_md(res: dict) -> str:
         split = e.get("task_logppl_split", {})
         body = f"{tg['body_ratio_to_sft']:.3f}" if "body_ratio_to_sft" in tg else "—"
         end = f"{split['end_token_nll']['mean']:.2f}" if split else "—"
+        pd = tg.get("logppl_minus_sft_paired")
+        paired = f"{pd['mean']:+.3f} ± {pd['se']:.3f}" if pd else "—"
         lines.append(
             f"| {e['model']} | {rng if rng else '— (no constraint)'} | {e['lengths']['mean']:.1f}{lo_hi} | {verd} | "
-            f"{e['task_logppl']['mean']:.3f} ± {e['task_logppl']['std']:.3f} | {ratio} | {body} | {end} | "
+            f"{e['task_logppl']['mean']:.3f} ± {e['task_logppl']['std']:.3f} | {ratio} | {paired} | {body} | {end} | "
             f"{tm.get('train_s', 0) / 60:.1f} / {tm.get('eval_s', 0) / 60:.1f} min |"
         )
     others = [e for e in res["evaluations"] if e.get("other_source")]
