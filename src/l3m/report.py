@@ -255,8 +255,14 @@ def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) 
                         label=None if drew_range else "constraint range [l_min, l_max]",
                     )
                     drew_range = True
+        # to the right of the range bars (which span p ± 0.38), on white, so a bar at the same height never hides it
         ax.annotate(
-            f"{e['lengths']['mean']:.1f}", (p + 0.3, e["lengths"]["mean"]), color="red", fontsize=8, va="center"
+            f"{e['lengths']['mean']:.1f}",
+            (p + 0.41, e["lengths"]["mean"]),
+            color="red",
+            fontsize=8,
+            va="center",
+            bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.9},
         )
     cap = evals[0].get("max_new_tokens")
     if cap:
