@@ -145,3 +145,43 @@ def test_fixed_forward_calls_make_one_call_per_micro_batch_with_the_same_loss(tm
     assert len(calls) == 1
     assert torch.allclose(loss_a, loss_b, atol=1e-5, rtol=1e-5)
     assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("score_temperature", [True, False])
+def test_sample_logprobs_are_those_of_the_sampling_distribution(
+    tmp_path, talking_model, counting_rows, score_temperature
+):
+    """Samples drawn at temperature T are scored with log softmax(logits / T) (the distribution they came from);
+    the task rows stay at temperature 1. Both forward paths (shared prompts, whole sequences) agree."""
+    t = 0.7
+    trainer = make_trainer(
+        tmp_path, talking_model, counting_rows, temperature=t, score_temperature=score_temperature, max_new_tokens=12
+    )
+    batch = sampled_batch(trainer)
+    model = trainer.model.eval()
+    n_task = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        rows = trainer._loss_logprobs(model, batch, True, True)
+        trainer._prefix_sharing_failed = True
+        plain = trainer._loss_logprobs(model, batch, True, True)
+
+        def direct(ids, mask, attn, temp):
+            out = []
+            for r in range(ids.shape[0]):
+                seq = ids[r][attn[r].bool()]
+                resp = mask[r][attn[r].bool()].bool()
+                logits = model(input_ids=seq.unsqueeze(0)).logits[0, :-1] / temp
+                lp = logits.log_softmax(-1).gather(-1, seq[1:].unsqueeze(-1)).squeeze(-1)
+                out.append(lp[resp[1:]].sum())
+            return torch.stack(out)
+
+        want_task = direct(batch["input_ids"], batch["response_mask"], batch["attention_mask"], 1.0)
+        s = (batch["sample_input_ids"], batch["sample_mask"], batch["sample_attention_mask"])
+        want_samples = direct(*s, t if score_temperature else 1.0)
+        other = direct(*s, 1.0 if score_temperature else t)
+    for got in (rows, plain):
+        task = torch.stack([r.sum() for r in got[:n_task]])
+        samples = torch.stack([r.sum() for r in got[n_task:]])
+        assert torch.allclose(task, want_task, atol=1e-3)
+        assert torch.allclose(samples, want_samples, atol=1e-3)
+        assert not torch.allclose(samples, other, atol=1e-2)  # the temperature made a difference

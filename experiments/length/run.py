@@ -50,6 +50,10 @@ BASE_CONFIG = {
         "num_generations": 4,
         "max_new_tokens": 64,
         "temperature": 0.8,
+        # the samples' score-function log-probabilities at temperature 0.8 too, the distribution they are drawn from
+        # (the default). Runs before stop 12 scored them at temperature 1, a biased estimate of grad C_i: they are
+        # results_batch4/ and results_T1_scores/ (the previous committed run)
+        "score_temperature": True,
         "learning_rate": 5.0e-5,
         "lr_scheduler_type": "linear",
         "max_length": 256,

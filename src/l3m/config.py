@@ -28,6 +28,16 @@ class L3MConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    score_temperature: bool = field(
+        default=True,
+        metadata={
+            "help": "Score-function log-probabilities of the samples at the sampling temperature (logits divided by "
+            "`temperature`): those of the distribution the samples were drawn from, whose mean C_i the constraints "
+            "bound, so the estimate of grad C_i is unbiased (default). False scores them at temperature 1, which "
+            "biases the estimate when temperature != 1 (kept for comparisons with earlier runs). The task loss is "
+            "always at temperature 1."
+        },
+    )
     # --- task data
     max_length: int = field(
         default=512, metadata={"help": "Longest task sequence (prompt + reference response), in tokens."}

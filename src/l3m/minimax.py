@@ -128,7 +128,7 @@ class Minimax:
         trainer = self.trainer
         groups = [(batch["sample_input_ids"], batch["sample_mask"], batch["sample_attention_mask"])]
         with self._reference_model() as ref:
-            rows = trainer._response_logprobs(ref, groups)
+            rows = trainer._response_logprobs(ref, groups, temps=[trainer.sample_temperature])
         batch["sample_ref_logp"] = torch.stack([r.sum() for r in rows]).float().cpu()
         batch["sample_group_ids"] = sample_batch.group_ids.clone()
 

@@ -484,8 +484,12 @@ class L3MTrainer(Trainer):
 
         return bool(is_deepspeed_zero3_enabled())
 
-    def _response_logprobs(self, model, seqs: list[tuple], one_call: bool = False) -> list[torch.Tensor]:
+    def _response_logprobs(
+        self, model, seqs: list[tuple], one_call: bool = False, temps: list[float] | None = None
+    ) -> list[torch.Tensor]:
         """Per-token log-probabilities of the masked (response) tokens of each group of sequences.
+
+        ``temps`` gives each group's temperature (logits divided by it; default 1 for every group).
 
         Sequences are left-aligned to a common end so that only the last positions, where responses lie,
         go through the LM head (``logits_to_keep``). Groups share one forward pass unless padding them to a
@@ -493,10 +497,12 @@ class L3MTrainer(Trainer):
         """
         pad_id = self.processing_class.pad_token_id
         unpadded = []  # (ids, response mask) per row, padding stripped
-        for ids, mask, attn in seqs:
+        row_temp: list[float] = []
+        for g, (ids, mask, attn) in enumerate(seqs):
             for r in range(ids.shape[0]):
                 keep = attn[r].bool()
                 unpadded.append((ids[r][keep], mask[r][keep]))
+                row_temp.append(1.0 if temps is None else float(temps[g]))
         sizes = [s[0].shape[0] for s in seqs]
         lens = [u[0].numel() for u in unpadded]
         together = sum(lens) and len(seqs) > 1
@@ -533,7 +539,8 @@ class L3MTrainer(Trainer):
             except TypeError:  # an architecture without logits_to_keep: compute them all
                 logits = model(**kwargs).logits[:, -keep:]
             targets = torch.cat([ids[:, width - keep + 1 :], ids.new_zeros(len(rows), 1)], 1)  # the last: unused
-            logp = self._gathered_logprobs(logits, targets)[:, :-1] * resp[:, width - keep + 1 :]
+            temp = [row_temp[r] for r in rows]
+            logp = self._gathered_logprobs(logits, targets, temp)[:, :-1] * resp[:, width - keep + 1 :]
             for j, r in enumerate(rows):
                 out[r] = logp[j]
         return out
@@ -550,33 +557,48 @@ class L3MTrainer(Trainer):
         samples = None
         if has_samples:
             samples = (inputs["sample_input_ids"], inputs["sample_mask"], inputs["sample_attention_mask"])
+        t_s = self.sample_temperature
+        groups = [g for g in (task, samples) if g is not None]
+        temps = [1.0] * (task is not None) + [t_s] * (samples is not None)
         if self._fixed_forward_calls():  # sharded weights: one forward call, whatever the data
-            return self._response_logprobs(model, [g for g in (task, samples) if g is not None], one_call=True)
+            return self._response_logprobs(model, groups, one_call=True, temps=temps)
         if has_samples and "sample_prompt_ids" in inputs and self._can_share_prefix(model):
             p_ids, p_mask = inputs["sample_prompt_ids"], inputs["sample_prompt_mask"]
             c_ids, c_mask = inputs["sample_completion_ids"], inputs["sample_completion_mask"]
             k = self.args.num_generations
             if c_ids.shape[0] == p_ids.shape[0] * k:  # k samples per prompt, in prompt order
-                conts = [(c_ids[i][c_mask[i].bool()], i // k) for i in range(c_ids.shape[0])]
+                conts = [(c_ids[i][c_mask[i].bool()], i // k, t_s) for i in range(c_ids.shape[0])]
                 task_conts = self._task_continuations(task, p_ids, p_mask) if has_task else []
                 shared = self._shared_prefix_logprobs(model, p_ids, p_mask, (task_conts or []) + conts)
                 if shared is not None:
                     if task_conts is None:  # task rows with prompts of their own (a separate prompt set)
                         return self._response_logprobs(model, [task]) + shared
                     return shared
-        return self._response_logprobs(model, [g for g in (task, samples) if g is not None])
+        return self._response_logprobs(model, groups, temps=temps)
+
+    @property
+    def sample_temperature(self) -> float:
+        """The temperature of the samples' score-function log-probabilities (see ``score_temperature``)."""
+        return float(self.args.temperature) if self.args.score_temperature else 1.0
 
     @staticmethod
-    def _gathered_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-        """``log softmax(logits)[targets]`` per position, a few rows at a time (as ``token_logprobs``).
+    def _gathered_logprobs(
+        logits: torch.Tensor, targets: torch.Tensor, temps: list[float] | None = None, chunk: int = 4
+    ) -> torch.Tensor:
+        """``log softmax(logits / T)[targets]`` per position, a few rows at a time (as ``token_logprobs``).
 
+        ``temps`` holds each row's temperature T (default 1): a sample's score function is that of the
+        distribution it was drawn from, ``softmax(logits / temperature)``.
         The rows are taken with ``split`` and the logits are never sliced: the backward of a slice or of an indexed
         chunk fills a zero tensor as large as all the logits, once per slice (about a twentieth of the loss's
         forward and backward on a CPU); ``split`` gives the gradient back with one ``cat``.
         """
         out = []
-        for lg, t in zip(logits.split(chunk), targets.split(chunk)):
-            lg = lg.float()
+        inv = None
+        if temps is not None and any(t != 1.0 for t in temps):
+            inv = (1.0 / torch.tensor(temps, dtype=torch.float32, device=logits.device)).view(-1, 1, 1).split(chunk)
+        for n, (lg, t) in enumerate(zip(logits.split(chunk), targets.split(chunk))):
+            lg = lg.float() if inv is None else lg.float() * inv[n]
             out.append(lg.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
         return torch.cat(out)
 
@@ -615,7 +637,8 @@ class L3MTrainer(Trainer):
     ) -> list[torch.Tensor] | None:
         """Log-probabilities of continuations that share prompts, each prompt encoded once.
 
-        ``conts`` holds (tokens, prompt row) pairs. The left-padded prompts go through the model once, with
+        ``conts`` holds (tokens, prompt row) pairs, or (tokens, prompt row, temperature) triples. The left-padded
+        prompts go through the model once, with
         ``use_cache``; each continuation then attends to its prompt's keys and values, gathered from that cache
         with their autograd history, so the gradient reaches the prompt positions as in a forward pass over the
         whole sequence, while the prompt tokens are computed once instead of once per sample. Continuations are
@@ -659,6 +682,7 @@ class L3MTrainer(Trainer):
                 ids[j, : t.numel()] = t
                 c_mask[j, : t.numel()] = 1
             owner = torch.tensor([conts[i][1] for i in chunk], device=dev)
+            temp = [float(conts[i][2]) if len(conts[i]) > 2 else 1.0 for i in chunk]
             sub = copy.copy(cache)  # the prompts' keys and values, one row per continuation
             sub.layers = [copy.copy(layer) for layer in cache.layers]
             sub.batch_select_indices(owner)
@@ -671,8 +695,9 @@ class L3MTrainer(Trainer):
                 **{cache_kwarg: sub},
             )
             targets = torch.cat([ids[:, 1:], ids.new_zeros(len(chunk), 1)], 1)  # the last position: unused
-            rest = self._gathered_logprobs(o.logits, targets)[:, :-1]
-            logp = torch.cat([self._gathered_logprobs(first_logits[owner], ids[:, :1]), rest], 1) * c_mask
+            rest = self._gathered_logprobs(o.logits, targets, temp)[:, :-1]
+            first = self._gathered_logprobs(first_logits[owner], ids[:, :1], temp)
+            logp = torch.cat([first, rest], 1) * c_mask
             for j, i in enumerate(chunk):
                 rows[i] = logp[j]
         return rows
