@@ -130,7 +130,9 @@ def test_length_experiment_targets_logic():
     t = exp.check_targets(
         [ev("sft", 100.0, ("holds", "holds"), 1.0), ev("l3m_short", hi - 1, ("holds", "undecided"), 1.2)]
     )
-    assert t["l3m_short"]["inside"] and not t["l3m_short"]["certified"]
+    assert t["l3m_short"]["inside"] and t["l3m_short"]["mean_inside"] and not t["l3m_short"]["certified"]
+    below = exp.check_targets([ev("l3m_short", lo - 0.5, ("undecided", "holds"), 1.0)])["l3m_short"]
+    assert below["inside"] and not below["mean_inside"]  # undecided, but the mean lies below l_min
     assert t["l3m_short"]["logppl_ratio_to_sft"] == pytest.approx(1.2) and not t["l3m_short"]["logppl_within_10pct"]
     assert t["sft"]["outside_at_least_two"] and "short" in t["sft"]["ranges_below"]
 

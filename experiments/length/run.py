@@ -441,7 +441,10 @@ def check_targets(evs: list[dict]) -> dict:
             "range": [lo, hi],
             "mean_length": e["lengths"]["mean"],
             "verdicts": v,
+            # the test: no verdict violated ("holds, or at worst undecided")
             "inside": "violated" not in v,
+            # stricter: the held-out mean itself lies in [l_min, l_max] (an undecided mean may sit just outside)
+            "mean_inside": lo <= e["lengths"]["mean"] <= hi,
             "certified": v == ["holds", "holds"],
         }
         if sft:
