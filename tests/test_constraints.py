@@ -87,6 +87,8 @@ def test_leave_one_out_baseline():
         ({"kind": "reward", "function": "m:f"}, "at_least"),
         ({"kind": "reward", "at_least": 1}, "exactly one of 'model' or 'function'"),
         ({"kind": "length", "max": "ten"}, "must be a number"),
+        ({"kind": "reward", "model": "m", "at_least": 0, "max_length": 0}, "'max_length' must be a positive integer"),
+        ({"kind": "reward", "model": "m", "at_least": 0, "batch_size": "8"}, "'batch_size' must be a positive integer"),
     ],
 )
 def test_bad_specs_get_clear_errors(spec, message):

@@ -177,9 +177,30 @@ def test_cli_train_reward_on_trl_conversational_rows(tmp_path, tiny_model, toy_s
     assert summary["heldout"]["accuracy"] >= 0.8
     assert (tmp_path / "rm" / "model.safetensors").is_file() and (tmp_path / "rm" / "tokenizer_config.json").is_file()
 
+    # `l3m evaluate-reward` scores the saved model on new pairs
+    new = tmp_path / "new_pairs.json"  # TRL's plain format this time, with one tie
+    plain = [{"prompt": p.prompt[0]["content"], "chosen": p.chosen, "rejected": p.rejected} for p in held]
+    new.write_text(json.dumps(plain + [{"prompt": "a", "chosen": "same", "rejected": "same"}]))
+    out = tmp_path / "acc.json"
+    assert main(["evaluate-reward", str(tmp_path / "rm"), str(new), "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_pairs"] == len(held) and "dropped 1 ties" in res["read"] and res["max_length"] == 1024
+    from l3m.preference_data import load_preference_pairs
+
+    direct = evaluate_reward_model(str(tmp_path / "rm"), load_preference_pairs(str(new)).pairs)
+    assert res["accuracy"] == direct["accuracy"] >= 0.8 and res["ci95"] == direct["ci95"]
+    assert (
+        main(["evaluate-reward", str(tmp_path / "rm"), str(new), "--limit", "10", "--max-length", "40", "-o", str(out)])
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["n_pairs"] == 10 and res["max_length"] == 40
+
 
 def test_cli_train_reward_config_errors(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
+    assert main(["evaluate-reward", str(tmp_path / "no_model"), str(cfg)]) == 1
+    assert "no_model" in capsys.readouterr().err
     cfg.write_text(yaml.safe_dump({"data": {"train": str(tmp_path / "missing.json")}}))
     assert main(["train-reward", str(cfg)]) == 1
     assert "missing.json' does not exist" in capsys.readouterr().err

@@ -324,6 +324,11 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("config", help="YAML config: model, data (preference files), peft, training (see the README)")
     w.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.num_train_epochs=2")
 
+    from l3m.reward_training import add_evaluate_reward_arguments
+
+    er = sub.add_parser("evaluate-reward", help="pairwise accuracy of a reward model on preference files")
+    add_evaluate_reward_arguments(er)
+
     from l3m.evaluation import add_evaluate_arguments
 
     e = sub.add_parser("evaluate", help="task log-perplexity and constraint verdicts on held-out data")
@@ -357,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
             from l3m.reward_training import run_train_reward
 
             run_train_reward(ns.config, ns.overrides)
+        elif ns.command == "evaluate-reward":
+            from l3m.reward_training import run_evaluate_reward
+
+            run_evaluate_reward(ns)
         elif ns.command == "evaluate":
             from l3m.evaluation import run_evaluate
 

@@ -207,7 +207,7 @@ def leave_one_out_baseline(values: torch.Tensor, group_ids: torch.Tensor) -> tor
 
 _KIND_FIELDS = {
     "length": {"kind", "name", "scale", "min", "max"},
-    "reward": {"kind", "name", "scale", "at_least", "at_most", "model", "function", "batch_size"},
+    "reward": {"kind", "name", "scale", "at_least", "at_most", "model", "function", "batch_size", "max_length"},
     "function": {"kind", "name", "scale", "at_least", "at_most", "function"},
 }
 
@@ -263,6 +263,9 @@ def validate_constraint_specs(specs: Any) -> None:
         for key in ("min", "max", "at_least", "at_most", "scale"):
             if key in spec and not isinstance(spec[key], (int, float)):
                 raise L3MUserError(f"{where}: '{key}' must be a number, got {spec[key]!r}")
+        for key in ("batch_size", "max_length"):
+            if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1):
+                raise L3MUserError(f"{where}: '{key}' must be a positive integer, got {spec[key]!r}")
         if "scale" in spec and not spec["scale"] > 0:
             raise L3MUserError(f"{where}: 'scale' must be > 0, got {spec['scale']}")
         if kind == "length":
@@ -300,7 +303,12 @@ def build_constraints(specs: list[dict] | None, device: str | torch.device | Non
             if "model" in spec:
                 from l3m.rewards import RewardModel
 
-                fn = RewardModel(spec["model"], device=device, batch_size=int(spec.get("batch_size", 16)))
+                fn = RewardModel(
+                    spec["model"],
+                    device=device,
+                    batch_size=int(spec.get("batch_size", 16)),
+                    max_length=int(spec.get("max_length", 1024)),
+                )
             else:
                 fn = load_callable(spec["function"], f"{where}.function")
             out.append(RewardConstraint(fn, spec.get("at_least"), spec.get("at_most"), name=name, scale=scale))
