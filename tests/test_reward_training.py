@@ -323,6 +323,8 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
         str(tmp_path / "results"),
         "--runs",
         str(tmp_path / "runs"),
+        "--set",
+        "score_temperature=false",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -339,6 +341,8 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     assert Path(ft["model"]).name == "rm_harmless" and stages["rm_harmless_ft"]["output_dir"].endswith("rm_harmless_ft")
     l3m = yaml.safe_load((tmp_path / "results" / "configs" / "l3m_P1.yaml").read_text())
     assert {c["name"]: Path(c["model"]).name for c in l3m["constraints"]}["harmless"] == "rm_harmless_ft"
+    # --set reaches every training run, and the results say so
+    assert l3m["training"]["score_temperature"] is False and res["settings"]["overrides"] == ["score_temperature=false"]
     # the wall-clock breakdown reads the copied metrics
     cmd = [sys.executable, str(script.parent / "efficiency.py"), str(tmp_path / "results")]
     eff = subprocess.run(cmd, capture_output=True, text=True)

@@ -122,10 +122,9 @@ CPU = {
         "lr_scheduler_type": "linear",
         "max_length": 256,
         "constraint_ema": 0.5,
-        # the committed CPU results were made before stop 12, when the samples were scored at temperature 1 (a
-        # biased estimate of grad C_i at temperature 0.8): pinned so that this command re-creates them. The GPU
-        # preset, never run, uses the default (scores at the sampling temperature).
-        "score_temperature": False,
+        # the samples are scored at the sampling temperature (score_temperature, the default). The results made
+        # before stop 13 scored them at temperature 1: results_T1_scores/ (re-created with
+        # --set score_temperature=false)
     },
     "mm": FULL["mm"],
     "deltas": FULL["deltas"],
@@ -301,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         "instead of training them",
     )
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting of every SFT, L3M and MM run, e.g. --set score_temperature=false "
+        "(repeatable)",
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="redo targets, results.md and figure3.png from results.json"
     )
     ns = p.parse_args(argv)
@@ -444,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     heldout = task_held[: S["eval"]["n_ppl"]]
     base_training = {**S["train"], "max_steps": steps, "save_strategy": "no", "seed": ns.seed, "disable_tqdm": True}
+    for item in ns.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        base_training[key] = yaml.safe_load(value)
     data_cfg = {"train": rel(ns.task_data), "heldout_fraction": frac}
 
     # 3. SFT and its rewards
@@ -521,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **S,
             "preset": preset,
+            "overrides": ns.set,
             "steps": steps,
             "model": ns.model,
             "rm_model": ns.rm_model,
