@@ -31,6 +31,33 @@ def test_three_formats(tmp_path):
     assert len(load_examples(str(gz))) == 5
 
 
+def test_sharegpt_question_answer_and_plain_text_prompts(tmp_path):
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "hello"},
+                {"from": "human", "value": "and?"},
+                {"from": "gpt", "value": "bye"},
+            ]
+        },
+        {"question": "What is 2+2?", "answer": "4"},
+    ]
+    ex = load_examples(write(tmp_path / "d.json", json.dumps(rows)))
+    assert [e.response for e in ex] == ["bye", "4"]
+    assert [m["role"] for m in ex[0].prompt] == ["system", "user", "assistant", "user"] and ex[0].prompt_text == "and?"
+    assert ex[1].prompt == [{"role": "user", "content": "What is 2+2?"}]
+    with pytest.raises(L3MUserError, match=r"s\.jsonl:1: unknown ShareGPT speaker 'bot'"):
+        load_examples(write(tmp_path / "s.jsonl", json.dumps({"conversations": [{"from": "bot", "value": "x"}]})))
+    # a .txt prompt set: one prompt per line, blank lines skipped; as task data it has no responses
+    f = write(tmp_path / "p.txt", "Name a colour.\n\n  Write a haiku.  \n")
+    ex = load_examples(f, need_response=False)
+    assert [e.prompt_text for e in ex] == ["Name a colour.", "Write a haiku."] and ex[1].where.endswith("p.txt:3")
+    with pytest.raises(L3MUserError, match=r"p\.txt:1: .*no reference response"):
+        load_examples(f)
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     f = write(tmp_path / "bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": }\n')
     with pytest.raises(L3MUserError, match=r"bad\.jsonl:2: malformed JSON"):
@@ -47,7 +74,7 @@ def test_json_array_errors_name_the_line(tmp_path):
 
 def test_missing_fields_and_empty(tmp_path):
     with pytest.raises(L3MUserError, match=r"x\.jsonl:1: the record has none of the fields"):
-        load_examples(write(tmp_path / "x.jsonl", '{"question": "q", "answer": "a"}\n'))
+        load_examples(write(tmp_path / "x.jsonl", '{"query": "q", "response": "a"}\n'))
     with pytest.raises(L3MUserError, match="holds no records"):
         load_examples(write(tmp_path / "empty.jsonl", "\n"))
     with pytest.raises(L3MUserError, match="does not exist"):

@@ -5,9 +5,11 @@ Accepted rows (JSON array, JSONL, gzipped JSONL, or a ``datasets`` data set):
 * conversational: ``{"messages": [{"role": ..., "content": ...}, ...]}``; the last message is the
   assistant's response, the rest is the prompt;
 * ``{"prompt": ..., "completion": ...}``, each a string or a list of messages;
-* Alpaca-style: ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional).
+* Alpaca-style: ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional);
+* ShareGPT-style: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}``;
+* question answering: ``{"question": ..., "answer": ...}``.
 
-For a prompt set (sampling only), the response may be missing.
+For a prompt set (sampling only), the response may be missing, and a ``.txt`` file holds one prompt per line.
 The model's chat template is applied; only response tokens count in the task loss.
 """
 
@@ -93,6 +95,10 @@ def read_records(path: str | os.PathLike) -> list[tuple[Any, str]]:
         raise L3MUserError(f"{path}: cannot read the file as UTF-8 text ({exc})") from None
     if text.lstrip().startswith("["):
         return _read_json_array(text, str(path))
+    if p.suffix == ".txt" or p.name.endswith(".txt.gz"):  # plain text: one prompt per line
+        return [
+            ({"prompt": line.strip()}, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()
+        ]
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -115,13 +121,34 @@ def _messages(value: Any, where: str, field: str) -> list[dict]:
     raise L3MUserError(f"{where}: '{field}' must be a string or a list of {{role, content}} messages")
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt(value: Any, where: str) -> list[dict]:
+    """ShareGPT turns ``{"from": "human"|"gpt"|"system", "value": ...}`` as chat messages."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in value):
+        raise L3MUserError(f"{where}: 'conversations' must be a list of {{from, value}} turns (ShareGPT)")
+    out = []
+    for t in value:
+        role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+        if role is None:
+            raise L3MUserError(
+                f"{where}: unknown ShareGPT speaker {t['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}"
+            )
+        out.append({"role": role, "content": t["value"]})
+    return out
+
+
 def row_to_example(row: Any, where: str, need_response: bool = True) -> Example:
     """One record in any supported format -> :class:`Example`; errors name ``where`` (``file:line``)."""
     if not isinstance(row, dict):
         raise L3MUserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     response: str | None
-    if "messages" in row:
-        msgs = _messages(row["messages"], where, "messages")
+    if "messages" in row or "conversations" in row:
+        if "messages" in row:
+            msgs = _messages(row["messages"], where, "messages")
+        else:
+            msgs = _sharegpt(row["conversations"], where)
         if msgs and msgs[-1]["role"] == "assistant":
             prompt, response = msgs[:-1], msgs[-1]["content"]
         else:
@@ -143,10 +170,14 @@ def row_to_example(row: Any, where: str, need_response: bool = True) -> Example:
             raise L3MUserError(f"{where}: 'instruction' and 'input' must be strings")
         prompt = [{"role": "user", "content": f"{instr}\n\n{extra}" if extra.strip() else instr}]
         response = row.get("output")
+    elif "question" in row:
+        prompt = _messages(row["question"], where, "question")
+        response = row.get("answer")
     else:
         raise L3MUserError(
             f"{where}: the record has none of the fields of a known format (fields: {sorted(row)}); expected "
-            "'messages', or 'prompt' + 'completion', or 'instruction' (+ 'input') + 'output'"
+            "'messages', or 'prompt' + 'completion', or 'instruction' (+ 'input') + 'output', or 'conversations' "
+            "(ShareGPT), or 'question' + 'answer'"
         )
     if not prompt or prompt[-1]["role"] != "user" or not str(prompt[-1]["content"]).strip():
         raise L3MUserError(f"{where}: the prompt is empty or does not end with a user message")
