@@ -44,3 +44,43 @@ def test_paired_difference_of_two_models_on_the_same_references():
     assert d["mean"] == pytest.approx(7 / 6)
     assert d["se"] == pytest.approx(math.sqrt(((0.5 - 7 / 6) ** 2 + (1 - 7 / 6) ** 2 + (2 - 7 / 6) ** 2) / 2 / 3))
     assert paired_difference([1.0], [2.0]) is None and paired_difference(None, [1.0]) is None
+
+
+def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path, monkeypatch):
+    """Two seeds' folders: each L3M is compared with its own seed's SFT model, and the seeds are averaged."""
+    import json
+
+    import seeds
+
+    def ev(model, ppl, length, verdicts=("holds", "holds")):
+        cons = [{"name": f"short_{b}", "verdict": v} for b, v in zip(("min", "max"), verdicts)]
+        cons += [{"name": "medium_min", "verdict": "violated"}]  # another range's verdict: not this model's
+        return {
+            "model": model,
+            "range": [3, 10],
+            "task_logppl": {"mean": sum(ppl) / len(ppl), "per_example": ppl},
+            "lengths": {"mean": length},
+            "constraints": cons,
+        }
+
+    for folder, sft, l3m, verdicts in [
+        ("results", [1.0, 1.0, 1.0], [1.1, 1.2, 1.0], ("holds", "undecided")),
+        ("results_seed2", [2.0, 2.0, 2.0], [2.1, 2.1, 2.1], ("holds", "violated")),
+    ]:
+        (tmp_path / folder).mkdir()
+        evals = [ev("sft", sft, 12.0), ev("l3m_short", l3m, 9.0, verdicts)]
+        (tmp_path / folder / "results.json").write_text(json.dumps({"evaluations": evals}))
+    monkeypatch.setattr(seeds, "SEED_RUNS", {"results": 0, "results_seed1_short": 1, "results_seed2": 2})
+    out = seeds.collect(tmp_path)
+    assert [(r["seed"], r["verdicts"]) for r in out["runs"]] == [
+        (0, ["holds", "undecided"]),
+        (2, ["holds", "violated"]),
+    ]
+    r0, r2 = out["runs"]
+    assert r0["ratio_to_sft"] == pytest.approx(1.1) and r0["paired_minus_sft"] == pytest.approx(0.1)
+    assert r0["paired_se"] == pytest.approx(math.sqrt(0.01 / 3))  # differences 0.1, 0.2, 0.0
+    assert r2["ratio_to_sft"] == pytest.approx(1.05) and r2["paired_se"] == pytest.approx(0.0)
+    s = out["summary"]["l3m_short"]
+    assert s["seeds"] == [0, 2] and s["mean_ratio_to_sft"] == pytest.approx(1.075)
+    assert s["se_of_mean"] == pytest.approx(math.sqrt(0.01 / 3) / 2) and s["no_verdict_violated"] is False
+    assert "| l3m_short | 0, 2 |" in seeds.markdown(out)

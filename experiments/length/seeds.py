@@ -1,0 +1,120 @@
+"""The length experiment's L3Ms over training seeds: each L3M against the SFT model trained with the same seed.
+
+One run per seed says little about a ratio that sits near the 10% line: with seed 1 the short L3M was at +7.6%,
+with seed 0 at +11.3%. This collects every results folder that holds an SFT model and L3Ms trained with the
+same seed, on the same held-out split and evaluation prompts, and reports per seed and averaged over seeds:
+
+    .venv/bin/python experiments/length/seeds.py            # prints the table, writes results/seeds.{json,md}
+
+The folders and their seeds are listed in SEED_RUNS (each made by ``run.py --seed S --only ...``; see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
+SEED_RUNS = {"results": 0, "results_seed1_short": 1, "results_seed2": 2}
+L3MS = ("l3m_short", "l3m_medium", "l3m_long")
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    m = sum(d) / len(d)
+    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def collect(root: Path = HERE) -> dict:
+    rows = []
+    for folder, seed in SEED_RUNS.items():
+        path = root / folder / "results.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        ev = {e["model"]: e for e in res["evaluations"]}
+        if "sft" not in ev:
+            continue
+        sft = ev["sft"]["task_logppl"]
+        for name in L3MS:
+            if name not in ev:
+                continue
+            e = ev[name]
+            d, se = _paired(e["task_logppl"]["per_example"], sft["per_example"])
+            verdicts = [c["verdict"] for c in e["constraints"] if c["name"].startswith(name.split("_", 1)[1] + "_")]
+            rows.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "folder": folder,
+                    "range": e.get("range"),
+                    "mean_length": e["lengths"]["mean"],
+                    "verdicts": verdicts,
+                    "sft_logppl": sft["mean"],
+                    "logppl": e["task_logppl"]["mean"],
+                    "ratio_to_sft": e["task_logppl"]["mean"] / sft["mean"],
+                    "paired_minus_sft": d,
+                    "paired_se": se,
+                }
+            )
+    summary = {}
+    for name in L3MS:
+        rs = [r for r in rows if r["model"] == name]
+        if not rs:
+            continue
+        n = len(rs)
+        summary[name] = {
+            "seeds": [r["seed"] for r in rs],
+            "mean_ratio_to_sft": sum(r["ratio_to_sft"] for r in rs) / n,
+            "mean_paired_minus_sft": sum(r["paired_minus_sft"] for r in rs) / n,
+            # the seeds' runs are independent: the standard error of their mean from the per-run standard errors
+            "se_of_mean": math.sqrt(sum(r["paired_se"] ** 2 for r in rs)) / n,
+            "mean_sft_logppl": sum(r["sft_logppl"] for r in rs) / n,
+            "mean_length": sum(r["mean_length"] for r in rs) / n,
+            "no_verdict_violated": all("violated" not in r["verdicts"] for r in rs),
+        }
+        s = summary[name]
+        s["mean_paired_ratio"] = 1 + s["mean_paired_minus_sft"] / s["mean_sft_logppl"]
+    return {"runs": rows, "summary": summary}
+
+
+def markdown(out: dict) -> str:
+    lines = [
+        "| L3M | seed | range | mean length | verdicts (l_min, l_max) | its SFT log-ppl | L3M log-ppl | vs SFT | "
+        "paired L3M − SFT (± s.e.) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["runs"]:
+        lines.append(
+            f"| {r['model']} | {r['seed']} | {r['range']} | {r['mean_length']:.1f} | {', '.join(r['verdicts'])} | "
+            f"{r['sft_logppl']:.3f} | {r['logppl']:.3f} | {100 * (r['ratio_to_sft'] - 1):+.1f}% | "
+            f"{r['paired_minus_sft']:+.3f} ± {r['paired_se']:.3f} |"
+        )
+    lines += ["", "| L3M | seeds | mean length | mean vs SFT | mean paired L3M − SFT (± s.e.) | no verdict violated |"]
+    lines.append("|---|---|---|---|---|---|")
+    for name, s in out["summary"].items():
+        lines.append(
+            f"| {name} | {', '.join(map(str, s['seeds']))} | {s['mean_length']:.1f} | "
+            f"{100 * (s['mean_ratio_to_sft'] - 1):+.1f}% | {s['mean_paired_minus_sft']:+.3f} ± {s['se_of_mean']:.3f} | "
+            f"{s['no_verdict_violated']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    out = collect()
+    if not out["runs"]:
+        print("no results folders with an SFT model and L3Ms found", file=sys.stderr)
+        return 1
+    md = markdown(out)
+    (HERE / "results" / "seeds.json").write_text(json.dumps(out, indent=1))
+    (HERE / "results" / "seeds.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
