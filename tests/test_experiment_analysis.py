@@ -70,8 +70,15 @@ def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path
         (tmp_path / folder).mkdir()
         evals = [ev("sft", sft, 12.0), ev("l3m_short", l3m, 9.0, verdicts)]
         (tmp_path / folder / "results.json").write_text(json.dumps({"evaluations": evals}))
-    monkeypatch.setattr(seeds, "SEED_RUNS", {"results": 0, "results_seed1_short": 1, "results_seed2": 2})
+    (tmp_path / "results_more").mkdir()  # seed 2's medium L3M in a folder of its own, without an SFT model
+    medium = {**ev("l3m_medium", [2.2, 2.2, 2.2], 25.0), "range": [20, 30]}
+    (tmp_path / "results_more" / "results.json").write_text(json.dumps({"evaluations": [medium]}))
+    monkeypatch.setattr(
+        seeds, "SEED_RUNS", {"results": 0, "results_seed1_short": 1, "results_seed2": 2, "results_more": 2}
+    )
     out = seeds.collect(tmp_path)
+    assert out["runs"][-1]["model"] == "l3m_medium" and out["runs"][-1]["ratio_to_sft"] == pytest.approx(1.1)
+    out["runs"] = out["runs"][:-1]
     assert [(r["seed"], r["verdicts"]) for r in out["runs"]] == [
         (0, ["holds", "undecided"]),
         (2, ["holds", "violated"]),

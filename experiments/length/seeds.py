@@ -7,6 +7,7 @@ same seed, on the same held-out split and evaluation prompts, and reports per se
     .venv/bin/python experiments/length/seeds.py            # prints the table, writes results/seeds.{json,md}
 
 The folders and their seeds are listed in SEED_RUNS (each made by ``run.py --seed S --only ...``; see the README).
+A folder without an SFT model is compared with the SFT model of another folder with the same seed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
-SEED_RUNS = {"results": 0, "results_seed1_short": 1, "results_seed2": 2}
+SEED_RUNS = {"results": 0, "results_seed1_short": 1, "results_seed1_medium": 1, "results_seed2": 2}
 L3MS = ("l3m_short", "l3m_medium", "l3m_long")
 
 
@@ -29,16 +30,20 @@ def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def collect(root: Path = HERE) -> dict:
-    rows = []
+    evals = {}  # folder -> {model: evaluation}
+    sft_of_seed = {}  # seed -> the SFT model's task log-perplexity (from whichever folder holds that seed's SFT)
     for folder, seed in SEED_RUNS.items():
         path = root / folder / "results.json"
-        if not path.is_file():
+        if path.is_file():
+            evals[folder] = {e["model"]: e for e in json.loads(path.read_text())["evaluations"]}
+            if "sft" in evals[folder]:
+                sft_of_seed.setdefault(seed, evals[folder]["sft"]["task_logppl"])
+    rows = []
+    for folder, ev in evals.items():
+        seed = SEED_RUNS[folder]
+        if seed not in sft_of_seed:
             continue
-        res = json.loads(path.read_text())
-        ev = {e["model"]: e for e in res["evaluations"]}
-        if "sft" not in ev:
-            continue
-        sft = ev["sft"]["task_logppl"]
+        sft = sft_of_seed[seed]
         for name in L3MS:
             if name not in ev:
                 continue
