@@ -162,7 +162,7 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
         title="Held-out mean rewards against the constraint points",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")  # away from the points: the unconstrained model sits bottom left
 
     # task log-perplexity: one group per point, one marker per method
     methods = [k for k in METHOD_MARKERS if any(m.get("method") == k for m in models)]
@@ -184,7 +184,16 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
                         capsize=4,
                         ls="none",
                     )
-                    ax2.annotate(f"{mean:.3f}", (x, mean), textcoords="offset points", xytext=(5, 0), fontsize=8)
+                    left = j == 0 and len(methods) > 1  # the first method's label on its left: clear of its neighbour
+                    ax2.annotate(
+                        f"{mean:.3f}",
+                        (x, mean),
+                        textcoords="offset points",
+                        xytext=(-6 if left else 6, 0),
+                        ha="right" if left else "left",
+                        va="center",
+                        fontsize=8,
+                    )
     for m in models:
         if m.get("point") is None and m.get("task_logppl") and math.isfinite(m["task_logppl"]["mean"]):
             ax2.axhline(
