@@ -1,6 +1,8 @@
 """The faster code paths of L3MTrainer give the numbers of the plain ones: shared-prompt sampling, the
 shared-prompt forward/backward, and the ``task_loss`` switch (benchmarks/speed/)."""
 
+import math
+
 import pytest
 import torch
 from helpers import tiny_args
@@ -185,3 +187,76 @@ def test_sample_logprobs_are_those_of_the_sampling_distribution(
         assert torch.allclose(task, want_task, atol=1e-3)
         assert torch.allclose(samples, want_samples, atol=1e-3)
         assert not torch.allclose(samples, other, atol=1e-2)  # the temperature made a difference
+
+
+def step_loss_and_grads(trainer, batch):
+    """One ``training_step`` (as the training loop calls it): its loss and the gradient it left."""
+    model = trainer.model
+    model.zero_grad()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.training_step(model, dict(batch))
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["shared prompts", "separate prompts", "minimax"],
+)
+def test_loss_chunks_give_the_one_pass_loss_gradient_and_metrics(tmp_path, talking_model, counting_rows, setup):
+    """``loss_chunks`` back-propagates a micro-batch in chunks of prompts: with unequal chunks (3 prompts in 2) and
+    task rows that do not line up with the prompts, the loss, the gradient and the logged means are the one-pass
+    ones, and each chunk has its own backward."""
+    kw = dict(per_device_train_batch_size=3, max_new_tokens=30)
+    prompts = None
+    if setup == "separate prompts":  # 4 task rows, 3 sampled prompts of their own
+        kw.update(per_device_train_batch_size=4, prompt_batch_size=3)
+        prompts = [{"prompt": f"say {w} please"} for w in ("one", "two words", "a longer prompt here", "x", "y z")]
+    if setup == "minimax":
+        kw.update(method="minimax", beta=0.1, multiplier_init=0.5, task_loss=True)
+    args = tiny_args(tmp_path, **kw)
+    trainer = L3MTrainer(
+        str(talking_model),
+        args=args,
+        train_dataset=counting_rows,
+        prompt_dataset=prompts,
+        constraints=[LengthConstraint(5, "max")],
+    )
+    batch = sampled_batch(trainer)
+    assert batch["sample_weights"].abs().sum() > 0
+    trainer.model.train()
+    trainer._metrics.clear()
+    loss_a, grads_a = step_loss_and_grads(trainer, batch)
+    one_pass = {key: v[-1] for key, v in trainer._metrics.items()}
+    assert "task_nll" in one_pass and (setup != "minimax" or "kl" in one_pass)
+
+    trainer.args.loss_chunks = 2
+    chunks = trainer._loss_chunks(batch)
+    assert [c[1]["samples"] for c in chunks] == [1 / 3, 2 / 3]
+    calls = []
+    backward = trainer.accelerator.backward
+    trainer.accelerator.backward = lambda loss, **k: (calls.append(1), backward(loss, **k))
+    trainer._metrics.clear()
+    loss_b, grads_b = step_loss_and_grads(trainer, batch)
+    assert len(calls) == 2
+    assert torch.allclose(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-5
+    chunked = {key: v[-1] for key, v in trainer._metrics.items()}
+    assert chunked.keys() == one_pass.keys() and all(len(v) == 1 for v in trainer._metrics.values())
+    for key in one_pass:
+        assert chunked[key] == pytest.approx(one_pass[key], rel=1e-5, abs=1e-6), key
+
+
+def test_loss_chunks_train_end_to_end_and_bad_values_are_refused(tmp_path, tiny_model, counting_rows):
+    from l3m import L3MConfig
+
+    with pytest.raises(ValueError, match="loss_chunks"):
+        L3MConfig(output_dir=str(tmp_path), loss_chunks=0)
+    args = tiny_args(tmp_path, per_device_train_batch_size=2, max_steps=2, loss_chunks=4)
+    trainer = L3MTrainer(
+        str(tiny_model), args=args, train_dataset=counting_rows, constraints=[LengthConstraint(5, "max")]
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(math.isfinite(h.get("loss", 0.0)) for h in trainer.state.log_history)

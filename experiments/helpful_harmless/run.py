@@ -122,6 +122,10 @@ CPU = {
         "lr_scheduler_type": "linear",
         "max_length": 256,
         "constraint_ema": 0.5,
+        # each micro-batch's loss back-propagated in 4 chunks of 1 prompt (its 4 samples, and a task row): the same
+        # gradient, a quarter of the activations alive at once, the same sampling. SFT has no samples: one pass.
+        # The results made before stop 14 took one pass: results_one_pass/ (re-created with --set loss_chunks=1)
+        "loss_chunks": 4,
         # the samples are scored at the sampling temperature (score_temperature, the default). The results made
         # before stop 13 scored them at temperature 1: results_T1_scores/ (re-created with
         # --set score_temperature=false)

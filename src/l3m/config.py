@@ -94,6 +94,16 @@ class L3MConfig(TrainingArguments):
             "on all processes together. None (default) = on exactly when weights are sharded over several processes."
         },
     )
+    loss_chunks: int = field(
+        default=1,
+        metadata={
+            "help": "Split each micro-batch's loss into this many chunks of prompts (each with its samples and task "
+            "rows), each back-propagated before the next goes through the model: peak activation memory falls about "
+            "this many times, with the same gradient (up to float rounding) and the same sampling, which still runs "
+            "on the whole micro-batch at once (unlike gradient_accumulation_steps, which also splits the sampling). "
+            "Costs a little speed: smaller forward passes. 1 (default) = one pass. Not with DeepSpeed or FSDP."
+        },
+    )
     method: str = field(
         default="l3m",
         metadata={
@@ -146,6 +156,8 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"average_tail must be in [0, 1] (a fraction of the steps), got {self.average_tail}")
         if not (0 < self.mu_min <= self.mu_init):
             raise ValueError(f"need 0 < mu_min <= mu_init, got mu_min={self.mu_min}, mu_init={self.mu_init}")
+        if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks < 1:
+            raise ValueError(f"loss_chunks must be an integer >= 1, got {self.loss_chunks!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self.method not in ("l3m", "minimax"):

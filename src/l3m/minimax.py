@@ -141,7 +141,7 @@ class Minimax:
             base = leave_one_out_baseline(kl.unsqueeze(1), inputs["sample_group_ids"].cpu()).squeeze(1)
         else:
             base = torch.zeros_like(kl)
-        self.trainer._metrics["kl"].append(float(kl.mean()))
+        self.trainer.record_metric("kl", float(kl.mean()), "samples")
         return (args.beta * (kl - base)).to(seq_logp.device)
 
     def edit_logs(self, logs: dict[str, float]) -> None:

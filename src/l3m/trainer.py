@@ -157,6 +157,13 @@ class L3MTrainer(Trainer):
             "warned": [],
             "infeasible": {},  # name -> the numbers when the infeasibility warning was given
         }
+        if args.loss_chunks > 1 and (
+            getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+        ):
+            raise L3MUserError(
+                f"training.loss_chunks = {args.loss_chunks} splits each micro-batch's backward in several, which "
+                "DeepSpeed and FSDP do not support here; use gradient_accumulation_steps to save memory there"
+            )
         self.minimax = None  # method "minimax": the MM baseline's multipliers, reference model and hooks
         if args.method == "minimax":
             from l3m.minimax import Minimax
@@ -729,13 +736,13 @@ class L3MTrainer(Trainer):
             n_tok = inputs["response_mask"].sum(1).clamp(min=1).to(loss.dtype)
             per_example = -torch.stack([r.sum() for r in rows[:n_task]]) / n_tok
             task_nll = per_example.mean()
-            loss = loss + task_nll
-            self._metrics["task_nll"].append(float(task_nll.detach()))
+            loss = loss + self._share("task") * task_nll
+            self.record_metric("task_nll", float(task_nll.detach()), "task")
         if has_samples:
             seq_logp = torch.stack([r.sum() for r in rows[n_task:]])  # a sequence log-probability: a sum
             surrogate = (self._sample_weights(inputs, seq_logp).to(loss.dtype) * seq_logp).mean()
-            loss = loss + surrogate
-            self._metrics["sample/mean_logprob"].append(float(seq_logp.detach().mean()))
+            loss = loss + self._share("samples") * surrogate
+            self.record_metric("sample/mean_logprob", float(seq_logp.detach().mean()), "samples")
         bad = not bool(torch.isfinite(loss.detach()))
         if model.training and self.accelerator.num_processes > 1:  # every process stops together, before backward
             flag = torch.tensor([float(bad)], device=loss.device)
@@ -744,6 +751,113 @@ class L3MTrainer(Trainer):
         if bad:
             raise NonFiniteError(f"the loss is {loss.item()} at step {self.state.global_step}; no optimiser step taken")
         return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------
+    # loss_chunks: a micro-batch's loss in chunks of prompts, each back-propagated before the next
+
+    _TASK_KEYS = ("index", "prompt_ids", "prompt_attention_mask", "input_ids", "response_mask", "attention_mask")
+    _PROMPT_KEYS = ("sample_prompt_ids", "sample_prompt_mask")
+    _SAMPLE_KEYS = (
+        "sample_input_ids",
+        "sample_attention_mask",
+        "sample_mask",
+        "sample_weights",
+        "sample_completion_ids",
+        "sample_completion_mask",
+        "sample_ref_logp",
+        "sample_group_ids",
+    )
+    # padded groups: (keys, mask key, side of the padding), trimmed after slicing
+    _PADDED = (
+        (("input_ids", "response_mask", "attention_mask"), "attention_mask", "right"),
+        (("prompt_ids", "prompt_attention_mask"), "prompt_attention_mask", "left"),
+        (("sample_prompt_ids", "sample_prompt_mask"), "sample_prompt_mask", "left"),
+        (("sample_input_ids", "sample_attention_mask", "sample_mask"), "sample_attention_mask", "right"),
+        (("sample_completion_ids", "sample_completion_mask"), "sample_completion_mask", "right"),
+    )
+
+    def _share(self, part: str) -> float:
+        """This chunk's share of the micro-batch's task rows or samples (1 without ``loss_chunks``)."""
+        shares = getattr(self, "_chunk_shares", None)
+        return 1.0 if shares is None else shares[part]
+
+    def record_metric(self, key: str, value: float, part: str = "samples") -> None:
+        """Log a per-micro-batch mean; under ``loss_chunks`` the chunks' means are combined, weighted by their share
+        of the rows (``part``: "task" or "samples"), into the micro-batch's mean."""
+        acc = getattr(self, "_chunk_metrics", None)
+        if acc is None:
+            self._metrics[key].append(value)
+        else:
+            acc[key] = acc.get(key, 0.0) + self._share(part) * value
+
+    def _loss_chunks(self, inputs: dict) -> list[tuple[dict, dict[str, float]]] | None:
+        """The micro-batch cut into ``loss_chunks`` runs of consecutive prompts (each with its ``k`` samples) and of
+        task rows, with each chunk's share of the samples and of the task rows; ``None``: one pass."""
+        if self.args.loss_chunks < 2 or "sample_input_ids" not in inputs:
+            return None
+        k = self.args.num_generations
+        n_prompts = inputs["sample_input_ids"].shape[0] // k
+        n_task = inputs["input_ids"].shape[0] if "input_ids" in inputs else 0
+        n = min(self.args.loss_chunks, n_prompts)
+        known = set(self._TASK_KEYS) | set(self._PROMPT_KEYS) | set(self._SAMPLE_KEYS)
+        unknown = [key for key, v in inputs.items() if torch.is_tensor(v) and key not in known]
+        if n < 2 or unknown:
+            if unknown and not getattr(self, "_warned_chunks", False):
+                self._warned_chunks = True
+                logger.warning("loss_chunks: batch fields %s cannot be split; the loss takes one pass", unknown)
+            return None
+        chunks = []
+        for c in range(n):
+            p0, p1 = c * n_prompts // n, (c + 1) * n_prompts // n
+            t0, t1 = c * n_task // n, (c + 1) * n_task // n
+            sub = {key: v for key, v in inputs.items() if not torch.is_tensor(v)}
+            for keys, (a, b) in (
+                (self._TASK_KEYS, (t0, t1)),
+                (self._PROMPT_KEYS, (p0, p1)),
+                (self._SAMPLE_KEYS, (p0 * k, p1 * k)),
+            ):
+                if a == b and keys is self._TASK_KEYS:
+                    continue  # no task rows in this chunk
+                for key in keys:
+                    if key in inputs:
+                        sub[key] = inputs[key][a:b]
+            for keys, mask_key, side in self._PADDED:
+                if mask_key in sub and sub[mask_key].numel():
+                    cols = sub[mask_key].bool().any(0).nonzero().flatten()
+                    if cols.numel():
+                        lo, hi = (int(cols[0]), sub[mask_key].shape[1]) if side == "left" else (0, int(cols[-1]) + 1)
+                        for key in keys:
+                            if key in sub:
+                                sub[key] = sub[key][:, lo:hi]
+            if "sample_group_ids" in sub:  # numbered from 0 within the chunk, as the leave-one-out baseline needs
+                sub["sample_group_ids"] = torch.unique(sub["sample_group_ids"], return_inverse=True)[1]
+            shares = {"samples": (p1 - p0) / n_prompts, "task": (t1 - t0) / n_task if n_task else 0.0}
+            chunks.append((sub, shares))
+        return chunks
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer.training_step``, once per chunk of the micro-batch under ``loss_chunks``: each chunk's loss is
+        its share of the micro-batch's (task mean and sample mean weighted by its rows), so the gradients add up
+        to the one-pass gradient, while only one chunk's activations are alive at a time. With several processes
+        the chunks before the last skip the gradient all-reduce, as accumulation micro-batches do."""
+        chunks = self._loss_chunks(inputs)
+        if chunks is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        total = None
+        self._chunk_metrics = {}
+        try:
+            for c, (sub, shares) in enumerate(chunks):
+                self._chunk_shares = shares
+                last = c == len(chunks) - 1
+                sync = last or self.accelerator.num_processes < 2
+                with contextlib.nullcontext() if sync else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, sub, num_items_in_batch)
+                total = loss if total is None else total + loss
+            for key, value in self._chunk_metrics.items():
+                self._metrics[key].append(value)
+        finally:
+            self._chunk_shares = self._chunk_metrics = None
+        return total
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
