@@ -8,7 +8,11 @@ number of samples per prompt, longest completion, batch, optimiser and schedule,
 * ``l3m_sft``   L3MTrainer with its SFT term (its real workload) and a length constraint;
 * ``l3m_nosft`` L3MTrainer without the SFT term (``task_loss=False``): the same work as the GRPO step;
 * ``l3m_sft_plain``, ``l3m_nosft_plain`` (on request, ``--trainers``): the same, on the trainer's unshared paths
-  (every sample's prompt encoded again for sampling and for the loss), for before/after comparisons.
+  (every sample's prompt encoded again for sampling and for the loss), for before/after comparisons;
+* ``mm`` (on request): the minimax baseline (``method="minimax"``) with the same constraint, its reference model
+  a frozen copy of the same initial model; ``l3m_sft_chunks4`` and ``mm_chunks4``: L3M and MM with
+  ``loss_chunks=4`` (each micro-batch back-propagated one prompt at a time). For the memory claim "no reference
+  model": ``--trainers l3m_sft,mm,l3m_sft_chunks4,mm_chunks4``.
 
 Each trainer lives in its own worker process and trains with ``Trainer.train()``; a callback holds it at the end
 of every optimiser step until the parent says "go", so the steps alternate (A B C A B C ...) and never overlap.
@@ -48,6 +52,11 @@ TRAINERS = {
     # as a fallback): every sample's prompt encoded again for generation and for the loss
     "l3m_sft_plain": "L3MTrainer, with the SFT term, unshared prompts",
     "l3m_nosft_plain": "L3MTrainer, without the SFT term, unshared prompts",
+    # the minimax baseline (method.md section 6) from the same initial model, which is also its reference (a frozen
+    # copy in memory); and both with the loss back-propagated in 4 chunks of one prompt (``loss_chunks=4``)
+    "mm": "minimax (MM), reference model in memory",
+    "l3m_sft_chunks4": "L3MTrainer, with the SFT term, loss_chunks=4",
+    "mm_chunks4": "minimax (MM), loss_chunks=4",
 }
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 TARGET_NOSFT = ">= 1.2x speed, <= 1.0x memory"
@@ -89,7 +98,11 @@ def worker(name: str, cfg: dict, conn) -> None:
     torch.set_num_threads(1)
     import datasets  # noqa: F401  (every worker imports the same modules, so absolute RSS compares)
     import transformers
-    import trl
+
+    try:
+        import trl
+    except ImportError:  # only the l3m trainers were asked for (main checks); the RSS still compares among them
+        trl = None
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
@@ -151,6 +164,8 @@ def worker(name: str, cfg: dict, conn) -> None:
             num_generations=k,
             max_new_tokens=cfg["max_new_tokens"],
             task_loss=name.startswith("l3m_sft"),
+            method="minimax" if name.startswith("mm") else "l3m",
+            loss_chunks=4 if name.endswith("_chunks4") else 1,
         )
         trainer = L3MTrainer(
             model,
@@ -240,7 +255,7 @@ def worker(name: str, cfg: dict, conn) -> None:
                 "versions": {
                     "torch": torch.__version__,
                     "transformers": transformers.__version__,
-                    "trl": trl.__version__,
+                    "trl": trl.__version__ if trl else "not installed",
                 },
             },
         )
@@ -291,6 +306,8 @@ def comparisons(result: dict) -> list[tuple[str, str, str]]:
         out += [(n, "grpo", t) for n, t in (("l3m_nosft", TARGET_NOSFT), ("l3m_sft", TARGET_SFT)) if n in names]
         out += [(n, "grpo", "") for n in ("l3m_nosft_plain", "l3m_sft_plain") if n in names]
     out += [(n, n + "_plain", "") for n in ("l3m_nosft", "l3m_sft") if n in names and n + "_plain" in names]
+    pairs = [("l3m_sft", "mm"), ("l3m_sft_chunks4", "mm_chunks4"), ("l3m_sft_chunks4", "l3m_sft"), ("mm_chunks4", "mm")]
+    out += [(a, b, "") for a, b in pairs if a in names and b in names]
     return out
 
 
@@ -385,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown trainer(s) {unknown}; choose from {list(TRAINERS)}")
     import importlib.util
 
-    if importlib.util.find_spec("trl") is None:
+    if "grpo" in order and importlib.util.find_spec("trl") is None:
         ap.error('TRL is not installed: pip install -e ".[bench]" (a benchmark-only dependency)')
     if not reset_peak_rss():
         print("warning: cannot reset the peak RSS (/proc/self/clear_refs): memory is the process-lifetime peak")
