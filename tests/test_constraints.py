@@ -89,6 +89,8 @@ def test_leave_one_out_baseline():
         ({"kind": "length", "max": "ten"}, "must be a number"),
         ({"kind": "reward", "model": "m", "at_least": 0, "max_length": 0}, "'max_length' must be a positive integer"),
         ({"kind": "reward", "model": "m", "at_least": 0, "batch_size": "8"}, "'batch_size' must be a positive integer"),
+        ({"kind": "length", "max": 3, "gradient": "stops"}, r"'gradient' must be one of \['sequence', 'stop'\]"),
+        ({"kind": "reward", "model": "m", "at_least": 0, "gradient": "stop"}, "unknown field 'gradient'"),
     ],
 )
 def test_bad_specs_get_clear_errors(spec, message):
@@ -103,12 +105,13 @@ def test_build_from_specs(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cons = build_constraints(
         [
-            {"kind": "length", "min": 5, "max": 40},
+            {"kind": "length", "min": 5, "max": 40, "gradient": "stop"},
             {"kind": "reward", "function": "myrewards:brevity", "at_least": -100, "name": "brevity"},
-            {"kind": "function", "function": f"{tmp_path / 'myrewards.py'}:brevity", "name": "fn"},
+            {"kind": "function", "function": f"{tmp_path / 'myrewards.py'}:brevity", "name": "fn", "gradient": "stop"},
         ]
     )
     assert [c.name for c in cons] == ["length_min", "length_max", "brevity", "fn"]
+    assert [c.gradient for c in cons] == ["stop", "stop", "sequence", "stop"]
     _, c = evaluate_constraints(cons, batch([10, 20], ["a" * 10, "b" * 20]))
     assert c[:, 2].tolist() == [-90.0, -80.0]
     with pytest.raises(L3MUserError, match="no function 'nope'"):

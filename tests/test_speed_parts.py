@@ -202,7 +202,7 @@ def step_loss_and_grads(trainer, batch):
 
 @pytest.mark.parametrize(
     "setup",
-    ["shared prompts", "separate prompts", "minimax"],
+    ["shared prompts", "separate prompts", "minimax", "stop gradient"],
 )
 def test_loss_chunks_give_the_one_pass_loss_gradient_and_metrics(tmp_path, talking_model, counting_rows, setup):
     """``loss_chunks`` back-propagates a micro-batch in chunks of prompts: with unequal chunks (3 prompts in 2) and
@@ -215,16 +215,20 @@ def test_loss_chunks_give_the_one_pass_loss_gradient_and_metrics(tmp_path, talki
         prompts = [{"prompt": f"say {w} please"} for w in ("one", "two words", "a longer prompt here", "x", "y z")]
     if setup == "minimax":
         kw.update(method="minimax", beta=0.1, multiplier_init=0.5, task_loss=True)
+    constraints = [LengthConstraint(5, "max")]
+    if setup == "stop gradient":  # one constraint of each gradient: both weights are split into the chunks
+        constraints.append(LengthConstraint(2, "min", gradient="stop"))
     args = tiny_args(tmp_path, **kw)
     trainer = L3MTrainer(
         str(talking_model),
         args=args,
         train_dataset=counting_rows,
         prompt_dataset=prompts,
-        constraints=[LengthConstraint(5, "max")],
+        constraints=constraints,
     )
     batch = sampled_batch(trainer)
     assert batch["sample_weights"].abs().sum() > 0
+    assert (setup == "stop gradient") == ("sample_stop_weights" in batch)
     trainer.model.train()
     trainer._metrics.clear()
     loss_a, grads_a = step_loss_and_grads(trainer, batch)
@@ -260,3 +264,41 @@ def test_loss_chunks_train_end_to_end_and_bad_values_are_refused(tmp_path, tiny_
     trainer.train()
     assert trainer.state.global_step == 2
     assert all(math.isfinite(h.get("loss", 0.0)) for h in trainer.state.log_history)
+
+
+def test_stop_gradient_surrogate_is_the_stop_decisions_log_probability(tmp_path, talking_model, counting_rows):
+    """``gradient: stop``: the surrogate multiplies each sample's weight by the log-probability of its stop-or-go
+    decisions (``log P(end token)`` at its end, ``log (1 - P(end token))`` before), computed here from a plain
+    forward pass; loss and gradient agree on the prompt-sharing path and the plain one."""
+    args = tiny_args(tmp_path, per_device_train_batch_size=3, max_new_tokens=30, task_loss=False, temperature=0.7)
+    con = LengthConstraint(5, "max", gradient="stop")
+    trainer = L3MTrainer(str(talking_model), args=args, train_dataset=counting_rows, constraints=[con])
+    batch = sampled_batch(trainer)
+    w = batch["sample_stop_weights"]
+    assert w.abs().sum() > 0 and batch["sample_weights"].abs().sum() == 0
+    model = trainer.model.train()
+    eos = trainer.eos_token_ids
+    model.zero_grad()
+    want = []
+    for i in range(w.numel()):
+        ids, mask = batch["sample_input_ids"][i], batch["sample_mask"][i]
+        ids = ids[batch["sample_attention_mask"][i].bool()]
+        resp = mask[: ids.numel()].bool()
+        logits = model(input_ids=ids.unsqueeze(0)).logits[0, :-1] / 0.7  # the sampling temperature
+        pos = resp[1:].nonzero().flatten()  # positions whose next token is a response token
+        logp = logits[pos].log_softmax(-1)
+        p_stop = logp[:, eos].logsumexp(-1).exp()
+        ends = torch.isin(ids[1:][pos], torch.tensor(eos))
+        assert int(ends.sum()) <= 1 and (not ends.any() or bool(ends[-1]))
+        want.append(torch.where(ends, p_stop.log(), torch.log1p(-p_stop)).sum())
+    surrogate = (w * torch.stack(want)).mean()
+    surrogate.backward()
+    want_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    loss_a, grads_a = loss_and_grads(trainer, batch)
+    assert torch.allclose(loss_a, surrogate.detach(), atol=1e-5)
+    assert float((grads_a - want_grads).norm() / want_grads.norm()) < 1e-4
+    trainer._prefix_sharing_failed = True  # the plain path: every sequence whole
+    loss_b, grads_b = loss_and_grads(trainer, batch)
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4

@@ -91,7 +91,8 @@ def mean_length(model_dir, rows, k=4, n=24):
     return float(s.batch.lengths.float().mean())
 
 
-def test_length_constraint_pulls_mean_below_limit_and_lambda_falls(tmp_path, talking_model, counting_rows):
+@pytest.mark.parametrize("gradient", ["sequence", "stop"])
+def test_length_constraint_pulls_mean_below_limit_and_lambda_falls(tmp_path, talking_model, counting_rows, gradient):
     before = mean_length(talking_model, counting_rows)
     limit = round(0.5 * before)
     assert limit >= 2, f"the SFT'd tiny model's mean length is {before}: too short for the test"
@@ -108,7 +109,7 @@ def test_length_constraint_pulls_mean_below_limit_and_lambda_falls(tmp_path, tal
         str(talking_model),
         args=args,
         train_dataset=counting_rows * 4,
-        constraints=[LengthConstraint(limit, "max", scale=4)],
+        constraints=[LengthConstraint(limit, "max", scale=4, gradient=gradient)],
     )
     trainer.train()
     hist = [h for h in trainer.state.log_history if "sample/mean_length" in h]

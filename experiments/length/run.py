@@ -80,13 +80,14 @@ EVAL = {"k": 2, "n_prompts": 150, "max_new_tokens": 64, "temperature": 0.8, "bat
 SCALE = 10.0  # c = (l_min - len) / 10 and (len - l_max) / 10: C in units of 10 tokens, as in the demo config
 
 
-def model_configs() -> dict[str, dict]:
+def model_configs(gradient: str = "sequence") -> dict[str, dict]:
+    """Every model's config; ``gradient`` is the length constraints' gradient estimator (see ``--gradient``)."""
     out = {"sft": {**BASE_CONFIG, "constraints": None}}
     for name, (lo, hi) in RANGES.items():
-        out[f"l3m_{name}"] = {
-            **BASE_CONFIG,
-            "constraints": [{"kind": "length", "min": lo, "max": hi, "name": "length", "scale": SCALE}],
-        }
+        con = {"kind": "length", "min": lo, "max": hi, "name": "length", "scale": SCALE}
+        if gradient != "sequence":
+            con["gradient"] = gradient
+        out[f"l3m_{name}"] = {**BASE_CONFIG, "constraints": [con]}
     return out
 
 
@@ -137,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="override a training setting of every model, e.g. --set num_generations=8 (repeatable; for ablations)",
+    )
+    p.add_argument(
+        "--gradient",
+        choices=["sequence", "stop"],
+        default="sequence",
+        help="the length constraints' gradient estimator: the score function of the whole response (sequence, "
+        "the method's) or of its stop decisions only (stop); see the README",
     )
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
     p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = previous.get("timings", {})
     cons = all_constraints()
     n_eval = 8 if ns.smoke else EVAL["n_prompts"]
-    for name, cfg in model_configs().items():
+    for name, cfg in model_configs(ns.gradient).items():
         if ns.only and name not in ns.only:
             continue
         cfg = json.loads(json.dumps(cfg))
@@ -339,7 +347,7 @@ def run_in_parallel(ns: argparse.Namespace, models: list[str], threads: int) -> 
         shutil.rmtree(parts)
     parts.mkdir(parents=True)
     # the child processes get every option of this one but the models, the results folder and the process layout
-    rest = ["--smoke"] if ns.smoke else []
+    rest = (["--smoke"] if ns.smoke else []) + ["--gradient", ns.gradient]
     for flag, value in (
         ("--runs", ns.runs),
         ("--steps", ns.steps),

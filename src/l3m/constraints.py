@@ -50,20 +50,35 @@ class ConstraintState:
         return self.value <= 0
 
 
+GRADIENTS = ("sequence", "stop")
+
+
 class Constraint:
-    """Base class: subclasses implement :meth:`raw`; ``c = sign * (raw - threshold) / scale``."""
+    """Base class: subclasses implement :meth:`raw`; ``c = sign * (raw - threshold) / scale``.
+
+    ``gradient`` picks the log-probability the score-function estimate of grad C multiplies (method.md section 3):
+    ``"sequence"`` (default, the method's): the whole response's, ``sum_t log pi(y_t | x, y_<t)``, unbiased.
+    ``"stop"`` (ours): only the stop-or-go decisions, ``sum_t log P(d_t)`` with ``P(stop) = sum of pi over the end
+    tokens`` (``d_t = stop`` at the response's end token, ``go`` before it). That is the exact gradient with
+    respect to *where the model stops*, with what it says held fixed: biased (it leaves out how the words chosen
+    move later stops), with no variance from the words, and it moves no word's probability except the end
+    token's. Meant for quantities of the length alone.
+    """
 
     kind = "constraint"
 
-    def __init__(self, name: str, threshold: float, direction: str, scale: float = 1.0):
+    def __init__(self, name: str, threshold: float, direction: str, scale: float = 1.0, gradient: str = "sequence"):
         if direction not in ("at_least", "at_most"):
             raise ValueError(f"direction must be 'at_least' or 'at_most', got {direction!r}")
         if not scale > 0:
             raise L3MUserError(f"constraint '{name}': scale must be > 0, got {scale}")
+        if gradient not in GRADIENTS:
+            raise L3MUserError(f"constraint '{name}': gradient must be one of {list(GRADIENTS)}, got {gradient!r}")
         self.name = name
         self.threshold = float(threshold)
         self.direction = direction
         self.scale = float(scale)
+        self.gradient = gradient
         self.state = ConstraintState()
 
     # The underlying per-response quantity (tokens, reward, ...). Subclasses share work through ``cache``.
@@ -82,7 +97,8 @@ class Constraint:
     quantity = "value"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.describe()}, scale={self.scale:g})"
+        grad = "" if self.gradient == "sequence" else f", gradient={self.gradient}"
+        return f"{type(self).__name__}({self.describe()}, scale={self.scale:g}{grad})"
 
 
 class LengthConstraint(Constraint):
@@ -91,11 +107,13 @@ class LengthConstraint(Constraint):
     kind = "length"
     quantity = "length (tokens)"
 
-    def __init__(self, limit: float, bound: str = "max", name: str | None = None, scale: float = 1.0):
+    def __init__(
+        self, limit: float, bound: str = "max", name: str | None = None, scale: float = 1.0, gradient: str = "sequence"
+    ):
         if bound not in ("min", "max"):
             raise ValueError(f"bound must be 'min' or 'max', got {bound!r}")
         direction = "at_most" if bound == "max" else "at_least"
-        super().__init__(name or f"length_{bound}", limit, direction, scale)
+        super().__init__(name or f"length_{bound}", limit, direction, scale, gradient)
 
     def raw(self, batch: SampleBatch, cache: dict) -> torch.Tensor:
         return batch.lengths.float()
@@ -148,10 +166,13 @@ class FunctionConstraint(RewardConstraint):
     kind = "function"
     quantity = "value"
 
-    def __init__(self, fn: RewardFn, at_least=None, at_most=None, name=None, scale=1.0):
+    def __init__(self, fn: RewardFn, at_least=None, at_most=None, name=None, scale=1.0, gradient="sequence"):
         if at_least is None and at_most is None:
             at_most = 0.0
         super().__init__(fn, at_least=at_least, at_most=at_most, name=name, scale=scale)
+        if gradient not in GRADIENTS:
+            raise L3MUserError(f"constraint '{self.name}': gradient must be one of {list(GRADIENTS)}, got {gradient!r}")
+        self.gradient = gradient
 
 
 def _callable_name(fn: Any) -> str:
@@ -206,9 +227,9 @@ def leave_one_out_baseline(values: torch.Tensor, group_ids: torch.Tensor) -> tor
 # Building constraints from a config (a list of dicts, as in the YAML file)
 
 _KIND_FIELDS = {
-    "length": {"kind", "name", "scale", "min", "max"},
+    "length": {"kind", "name", "scale", "gradient", "min", "max"},
     "reward": {"kind", "name", "scale", "at_least", "at_most", "model", "function", "batch_size", "max_length"},
-    "function": {"kind", "name", "scale", "at_least", "at_most", "function"},
+    "function": {"kind", "name", "scale", "gradient", "at_least", "at_most", "function"},
 }
 
 
@@ -266,6 +287,8 @@ def validate_constraint_specs(specs: Any) -> None:
         for key in ("batch_size", "max_length"):
             if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1):
                 raise L3MUserError(f"{where}: '{key}' must be a positive integer, got {spec[key]!r}")
+        if "gradient" in spec and spec["gradient"] not in GRADIENTS:
+            raise L3MUserError(f"{where}: 'gradient' must be one of {list(GRADIENTS)}, got {spec['gradient']!r}")
         if "scale" in spec and not spec["scale"] > 0:
             raise L3MUserError(f"{where}: 'scale' must be > 0, got {spec['scale']}")
         if kind == "length":
@@ -293,12 +316,13 @@ def build_constraints(specs: list[dict] | None, device: str | torch.device | Non
     out: list[Constraint] = []
     for i, spec in enumerate(specs or []):
         kind, name, scale = spec["kind"], spec.get("name"), float(spec.get("scale", 1.0))
+        grad = spec.get("gradient", "sequence")
         where = f"constraints[{i}]"
         if kind == "length":
             bounds = [b for b in ("min", "max") if spec.get(b) is not None]
             for b in bounds:
                 cname = (f"{name}_{b}" if len(bounds) == 2 else name) if name else None
-                out.append(LengthConstraint(spec[b], bound=b, name=cname, scale=scale))
+                out.append(LengthConstraint(spec[b], bound=b, name=cname, scale=scale, gradient=grad))
         elif kind == "reward":
             if "model" in spec:
                 from l3m.rewards import RewardModel
@@ -314,7 +338,9 @@ def build_constraints(specs: list[dict] | None, device: str | torch.device | Non
             out.append(RewardConstraint(fn, spec.get("at_least"), spec.get("at_most"), name=name, scale=scale))
         else:
             fn = load_callable(spec["function"], f"{where}.function")
-            out.append(FunctionConstraint(fn, spec.get("at_least"), spec.get("at_most"), name=name, scale=scale))
+            out.append(
+                FunctionConstraint(fn, spec.get("at_least"), spec.get("at_most"), name=name, scale=scale, gradient=grad)
+            )
     names = [c.name for c in out]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

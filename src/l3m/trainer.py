@@ -120,6 +120,12 @@ class L3MTrainer(Trainer):
             args.ddp_broadcast_buffers = False
         self.constraints: list[Constraint] = list(constraints or [])
         self.eos_token_ids = eos_token_ids(model, tok)
+        self._stop_gradient = [getattr(c, "gradient", "sequence") == "stop" for c in self.constraints]
+        if any(self._stop_gradient) and not self.eos_token_ids:
+            raise L3MUserError(
+                "a constraint has 'gradient: stop', which needs the model's end-of-response token, and neither the "
+                "tokenizer nor the generation config names one (set generation_config.eos_token_id)"
+            )
 
         train_examples = self._as_examples(train_dataset, need_response=True)
         train_ds = ListDataset(
@@ -417,13 +423,17 @@ class L3MTrainer(Trainer):
                 base = leave_one_out_baseline(c.double(), sb.group_ids)
             else:
                 base = torch.zeros_like(c, dtype=torch.float64)
-            weights = ((c.double() - base) * lam.unsqueeze(0)).sum(1)  # sum_i lambda_i (c_i - b_i), per sample
+            terms = (c.double() - base) * lam.unsqueeze(0)  # lambda_i (c_i - b_i), per sample and constraint
+            stop = torch.tensor(self._stop_gradient, dtype=torch.bool)
+            weights = terms[:, ~stop].sum(1)  # these multiply the sequence log-probability
             seqs = [p + comp for p, comp in zip(prompt_rep, sb.completion_ids)]
             masks = [[0] * len(p) + [1] * len(comp) for p, comp in zip(prompt_rep, sb.completion_ids)]
             batch["sample_input_ids"] = pad(seqs, tok.pad_token_id)
             batch["sample_attention_mask"] = pad([[1] * len(s) for s in seqs], 0)
             batch["sample_mask"] = pad(masks, 0)
             batch["sample_weights"] = weights.float()
+            if stop.any():  # constraints with gradient "stop": their weights multiply the stop decisions' log-prob
+                batch["sample_stop_weights"] = terms[:, stop].sum(1).float()
             # the same samples as (prompt, completion): the loss's forward pass encodes each prompt once
             batch["sample_prompt_ids"], batch["sample_prompt_mask"] = sb_prompts[id(batch)]
             batch["sample_completion_ids"] = pad(sb.completion_ids, tok.pad_token_id)
@@ -492,11 +502,18 @@ class L3MTrainer(Trainer):
         return bool(is_deepspeed_zero3_enabled())
 
     def _response_logprobs(
-        self, model, seqs: list[tuple], one_call: bool = False, temps: list[float] | None = None
+        self,
+        model,
+        seqs: list[tuple],
+        one_call: bool = False,
+        temps: list[float] | None = None,
+        stop_ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Per-token log-probabilities of the masked (response) tokens of each group of sequences.
 
-        ``temps`` gives each group's temperature (logits divided by it; default 1 for every group).
+        ``temps`` gives each group's temperature (logits divided by it; default 1 for every group). With
+        ``stop_ids`` each row is ``[positions, 2]``: the tokens' log-probabilities and the stop decisions' (see
+        :meth:`_gathered_logprobs`).
 
         Sequences are left-aligned to a common end so that only the last positions, where responses lie,
         go through the LM head (``logits_to_keep``). Groups share one forward pass unless padding them to a
@@ -547,7 +564,8 @@ class L3MTrainer(Trainer):
                 logits = model(**kwargs).logits[:, -keep:]
             targets = torch.cat([ids[:, width - keep + 1 :], ids.new_zeros(len(rows), 1)], 1)  # the last: unused
             temp = [row_temp[r] for r in rows]
-            logp = self._gathered_logprobs(logits, targets, temp)[:, :-1] * resp[:, width - keep + 1 :]
+            logp = self._gathered_logprobs(logits, targets, temp, stop_ids)[:, :-1]
+            logp = logp * _per_position(resp[:, width - keep + 1 :], logp)
             for j, r in enumerate(rows):
                 out[r] = logp[j]
         return out
@@ -567,8 +585,11 @@ class L3MTrainer(Trainer):
         t_s = self.sample_temperature
         groups = [g for g in (task, samples) if g is not None]
         temps = [1.0] * (task is not None) + [t_s] * (samples is not None)
+        stop = None  # constraints with gradient "stop": each row also carries the stop decisions' log-probabilities
+        if has_samples and "sample_stop_weights" in inputs:
+            stop = torch.tensor(self.eos_token_ids, device=self.args.device)
         if self._fixed_forward_calls():  # sharded weights: one forward call, whatever the data
-            return self._response_logprobs(model, groups, one_call=True, temps=temps)
+            return self._response_logprobs(model, groups, one_call=True, temps=temps, stop_ids=stop)
         if has_samples and "sample_prompt_ids" in inputs and self._can_share_prefix(model):
             p_ids, p_mask = inputs["sample_prompt_ids"], inputs["sample_prompt_mask"]
             c_ids, c_mask = inputs["sample_completion_ids"], inputs["sample_completion_mask"]
@@ -576,12 +597,12 @@ class L3MTrainer(Trainer):
             if c_ids.shape[0] == p_ids.shape[0] * k:  # k samples per prompt, in prompt order
                 conts = [(c_ids[i][c_mask[i].bool()], i // k, t_s) for i in range(c_ids.shape[0])]
                 task_conts = self._task_continuations(task, p_ids, p_mask) if has_task else []
-                shared = self._shared_prefix_logprobs(model, p_ids, p_mask, (task_conts or []) + conts)
+                shared = self._shared_prefix_logprobs(model, p_ids, p_mask, (task_conts or []) + conts, stop)
                 if shared is not None:
                     if task_conts is None:  # task rows with prompts of their own (a separate prompt set)
-                        return self._response_logprobs(model, [task]) + shared
+                        return self._response_logprobs(model, [task], stop_ids=stop) + shared
                     return shared
-        return self._response_logprobs(model, groups, temps=temps)
+        return self._response_logprobs(model, groups, temps=temps, stop_ids=stop)
 
     @property
     def sample_temperature(self) -> float:
@@ -590,12 +611,19 @@ class L3MTrainer(Trainer):
 
     @staticmethod
     def _gathered_logprobs(
-        logits: torch.Tensor, targets: torch.Tensor, temps: list[float] | None = None, chunk: int = 4
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        temps: list[float] | None = None,
+        stop_ids: torch.Tensor | None = None,
+        chunk: int = 4,
     ) -> torch.Tensor:
         """``log softmax(logits / T)[targets]`` per position, a few rows at a time (as ``token_logprobs``).
 
         ``temps`` holds each row's temperature T (default 1): a sample's score function is that of the
         distribution it was drawn from, ``softmax(logits / temperature)``.
+        With ``stop_ids`` (the end tokens) the result is ``[rows, positions, 2]``: beside each token's log-probability,
+        that of the stop-or-go decision it makes, ``log P(stop)`` where the target is an end token and
+        ``log (1 - P(stop))`` elsewhere, with ``P(stop)`` the probability of all end tokens together.
         The rows are taken with ``split`` and the logits are never sliced: the backward of a slice or of an indexed
         chunk fills a zero tensor as large as all the logits, once per slice (about a twentieth of the loss's
         forward and backward on a CPU); ``split`` gives the gradient back with one ``cat``.
@@ -606,7 +634,16 @@ class L3MTrainer(Trainer):
             inv = (1.0 / torch.tensor(temps, dtype=torch.float32, device=logits.device)).view(-1, 1, 1).split(chunk)
         for n, (lg, t) in enumerate(zip(logits.split(chunk), targets.split(chunk))):
             lg = lg.float() if inv is None else lg.float() * inv[n]
-            out.append(lg.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+            norm = torch.logsumexp(lg, dim=-1)
+            tok = lg.gather(-1, t.unsqueeze(-1)).squeeze(-1) - norm
+            if stop_ids is None:
+                out.append(tok)
+                continue
+            log_stop = (torch.logsumexp(lg.index_select(-1, stop_ids), dim=-1) - norm).clamp(max=-1e-6)
+            log_go = torch.where(  # log(1 - exp(x)), accurate on both sides of log 1/2
+                log_stop > -0.6931, torch.log(-torch.expm1(log_stop)), torch.log1p(-torch.exp(log_stop))
+            )
+            out.append(torch.stack([tok, torch.where(torch.isin(t, stop_ids), log_stop, log_go)], -1))
         return torch.cat(out)
 
     def _can_share_prefix(self, model) -> bool:
@@ -640,7 +677,12 @@ class L3MTrainer(Trainer):
         return out
 
     def _shared_prefix_logprobs(
-        self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, conts: list[tuple]
+        self,
+        model,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        conts: list[tuple],
+        stop_ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor] | None:
         """Log-probabilities of continuations that share prompts, each prompt encoded once.
 
@@ -680,7 +722,7 @@ class L3MTrainer(Trainer):
             chunk, start = order[start:end], end
             if width == 0:
                 for i in chunk:
-                    rows[i] = first_logits.new_zeros(1)
+                    rows[i] = first_logits.new_zeros((1,) if stop_ids is None else (1, 2))
                 continue
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=dev)
             c_mask = torch.zeros_like(ids)
@@ -702,9 +744,10 @@ class L3MTrainer(Trainer):
                 **{cache_kwarg: sub},
             )
             targets = torch.cat([ids[:, 1:], ids.new_zeros(len(chunk), 1)], 1)  # the last position: unused
-            rest = self._gathered_logprobs(o.logits, targets, temp)[:, :-1]
-            first = self._gathered_logprobs(first_logits[owner], ids[:, :1], temp)
-            logp = torch.cat([first, rest], 1) * c_mask
+            rest = self._gathered_logprobs(o.logits, targets, temp, stop_ids)[:, :-1]
+            first = self._gathered_logprobs(first_logits[owner], ids[:, :1], temp, stop_ids)
+            logp = torch.cat([first, rest], 1)
+            logp = logp * _per_position(c_mask, logp)
             for j, i in enumerate(chunk):
                 rows[i] = logp[j]
         return rows
@@ -732,6 +775,9 @@ class L3MTrainer(Trainer):
         rows = self._loss_logprobs(model, inputs, has_task, has_samples)
         n_task = inputs["input_ids"].shape[0] if has_task else 0
         loss = rows[0].new_zeros(())
+        if rows and rows[0].dim() == 2:  # rows carry the stop decisions' log-probabilities too (gradient "stop")
+            stop_rows = [r[:, 1] for r in rows[n_task:]]
+            rows = [r[:, 0] for r in rows]
         if has_task:
             n_tok = inputs["response_mask"].sum(1).clamp(min=1).to(loss.dtype)
             per_example = -torch.stack([r.sum() for r in rows[:n_task]]) / n_tok
@@ -741,6 +787,9 @@ class L3MTrainer(Trainer):
         if has_samples:
             seq_logp = torch.stack([r.sum() for r in rows[n_task:]])  # a sequence log-probability: a sum
             surrogate = (self._sample_weights(inputs, seq_logp).to(loss.dtype) * seq_logp).mean()
+            if "sample_stop_weights" in inputs:  # sum_i lambda_i (c_i - b_i) log P(the stop decisions), gradient "stop"
+                stop_logp = torch.stack([r.sum() for r in stop_rows])
+                surrogate = surrogate + (inputs["sample_stop_weights"].to(loss.dtype) * stop_logp).mean()
             loss = loss + self._share("samples") * surrogate
             self.record_metric("sample/mean_logprob", float(seq_logp.detach().mean()), "samples")
         bad = not bool(torch.isfinite(loss.detach()))
@@ -762,6 +811,7 @@ class L3MTrainer(Trainer):
         "sample_attention_mask",
         "sample_mask",
         "sample_weights",
+        "sample_stop_weights",
         "sample_completion_ids",
         "sample_completion_mask",
         "sample_ref_logp",
@@ -1005,6 +1055,11 @@ class L3MTrainer(Trainer):
             }
             for c in self.constraints
         ]
+
+
+def _per_position(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``[rows, positions]`` mask shaped to multiply ``like`` (which may carry a last dimension of 2)."""
+    return mask.unsqueeze(-1) if like.dim() == 3 else mask
 
 
 def _write_json(path: str, obj: Any) -> None:
