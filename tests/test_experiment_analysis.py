@@ -91,3 +91,14 @@ def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path
     assert s["seeds"] == [0, 2] and s["mean_ratio_to_sft"] == pytest.approx(1.075)
     assert s["se_of_mean"] == pytest.approx(math.sqrt(0.01 / 3) / 2) and s["no_verdict_violated"] is False
     assert "| l3m_short | 0, 2 |" in seeds.markdown(out)
+    # an L3M trained with another gradient estimator is summarised apart, against the same seed's SFT model
+    (tmp_path / "results_stop").mkdir()
+    stop = ev("l3m_short", [1.05, 1.05, 1.05], 11.0, ("holds", "violated"))
+    (tmp_path / "results_stop" / "results.json").write_text(json.dumps({"evaluations": [stop]}))
+    monkeypatch.setitem(seeds.SEED_RUNS, "results_stop", 0)
+    monkeypatch.setattr(seeds, "GRADIENT_OF", {"results_stop": "stop"})
+    out = seeds.collect(tmp_path)
+    assert list(out["summary"]) == ["l3m_short", "l3m_medium", "l3m_short (gradient: stop)"]
+    s = out["summary"]["l3m_short (gradient: stop)"]
+    assert s["seeds"] == [0] and s["mean_ratio_to_sft"] == pytest.approx(1.05) and s["no_verdict_violated"] is False
+    assert out["summary"]["l3m_short"]["seeds"] == [0, 2]

@@ -180,3 +180,17 @@ def test_length_experiment_deals_models_to_processes_by_cost():
     assert "l3m_long" in groups[0]
     assert exp.split_jobs(["sft"], 4) == [["sft"]]  # never more processes than models
     assert len(exp.split_jobs(models, 1)) == 1
+
+
+def test_length_experiment_gradient_option_sets_every_length_constraint():
+    """run.py --gradient stop: each L3M's length constraint gets the stop-decision estimator, valid for l3m train."""
+    from l3m.constraints import build_constraints
+
+    exp = _experiment()
+    for gradient in ("sequence", "stop"):
+        cfgs = exp.model_configs(gradient)
+        assert cfgs["sft"]["constraints"] is None
+        for name in ("l3m_short", "l3m_medium", "l3m_long"):
+            cons = build_constraints(cfgs[name]["constraints"])
+            assert [c.gradient for c in cons] == [gradient, gradient]
+    assert "gradient" not in exp.model_configs()["l3m_short"]["constraints"][0]  # the default configs are unchanged

@@ -19,7 +19,26 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
-SEED_RUNS = {"results": 0, "results_seed1_short": 1, "results_seed1_medium": 1, "results_seed2": 2}
+SEED_RUNS = {
+    "results": 0,
+    "results_seed1_short": 1,
+    "results_seed1_medium": 1,
+    "results_seed2": 2,
+    "results_stop_gradient": 0,
+    "results_stop_seed1_medium": 1,
+    "results_stop_seed2_medium": 2,
+    "results_stop_seed1_short": 1,
+    "results_stop_seed2_short": 2,
+}
+# folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient); the rest:
+# "sequence", the method's. Each estimator is summarised on its own.
+GRADIENT_OF = {
+    "results_stop_gradient": "stop",
+    "results_stop_seed1_medium": "stop",
+    "results_stop_seed2_medium": "stop",
+    "results_stop_seed1_short": "stop",
+    "results_stop_seed2_short": "stop",
+}
 L3MS = ("l3m_short", "l3m_medium", "l3m_long")
 
 
@@ -50,9 +69,12 @@ def collect(root: Path = HERE) -> dict:
             e = ev[name]
             d, se = _paired(e["task_logppl"]["per_example"], sft["per_example"])
             verdicts = [c["verdict"] for c in e["constraints"] if c["name"].startswith(name.split("_", 1)[1] + "_")]
+            gradient = GRADIENT_OF.get(folder, "sequence")
             rows.append(
                 {
                     "model": name,
+                    "gradient": gradient,
+                    "label": name if gradient == "sequence" else f"{name} (gradient: {gradient})",
                     "seed": seed,
                     "folder": folder,
                     "range": e.get("range"),
@@ -66,12 +88,10 @@ def collect(root: Path = HERE) -> dict:
                 }
             )
     summary = {}
-    for name in L3MS:
-        rs = [r for r in rows if r["model"] == name]
-        if not rs:
-            continue
+    for label in dict.fromkeys(r["label"] for r in sorted(rows, key=lambda r: r["gradient"] != "sequence")):
+        rs = [r for r in rows if r["label"] == label]
         n = len(rs)
-        summary[name] = {
+        summary[label] = {
             "seeds": [r["seed"] for r in rs],
             "mean_ratio_to_sft": sum(r["ratio_to_sft"] for r in rs) / n,
             "mean_paired_minus_sft": sum(r["paired_minus_sft"] for r in rs) / n,
@@ -81,7 +101,7 @@ def collect(root: Path = HERE) -> dict:
             "mean_length": sum(r["mean_length"] for r in rs) / n,
             "no_verdict_violated": all("violated" not in r["verdicts"] for r in rs),
         }
-        s = summary[name]
+        s = summary[label]
         s["mean_paired_ratio"] = 1 + s["mean_paired_minus_sft"] / s["mean_sft_logppl"]
     return {"runs": rows, "summary": summary}
 
@@ -94,7 +114,7 @@ def markdown(out: dict) -> str:
     ]
     for r in out["runs"]:
         lines.append(
-            f"| {r['model']} | {r['seed']} | {r['range']} | {r['mean_length']:.1f} | {', '.join(r['verdicts'])} | "
+            f"| {r['label']} | {r['seed']} | {r['range']} | {r['mean_length']:.1f} | {', '.join(r['verdicts'])} | "
             f"{r['sft_logppl']:.3f} | {r['logppl']:.3f} | {100 * (r['ratio_to_sft'] - 1):+.1f}% | "
             f"{r['paired_minus_sft']:+.3f} ± {r['paired_se']:.3f} |"
         )

@@ -1046,6 +1046,7 @@ class L3MTrainer(Trainer):
             {
                 "name": c.name,
                 "constraint": c.describe(),
+                "gradient": getattr(c, "gradient", "sequence"),
                 "value": c.state.value,
                 "lambda": c.state.lam,
                 "mean_raw": c.state.mean_raw,
