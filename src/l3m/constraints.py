@@ -62,7 +62,7 @@ class Constraint:
     tokens`` (``d_t = stop`` at the response's end token, ``go`` before it). That is the exact gradient with
     respect to *where the model stops*, with what it says held fixed: biased (it leaves out how the words chosen
     move later stops), with no variance from the words, and it moves no word's probability except the end
-    token's. Meant for quantities of the length alone.
+    token's. Meant for quantities of the length alone, and measured to help for lower bounds on it (README).
     """
 
     kind = "constraint"
