@@ -61,8 +61,8 @@ class Constraint:
     ``"stop"`` (ours): only the stop-or-go decisions, ``sum_t log P(d_t)`` with ``P(stop) = sum of pi over the end
     tokens`` (``d_t = stop`` at the response's end token, ``go`` before it). That is the exact gradient with
     respect to *where the model stops*, with what it says held fixed: biased (it leaves out how the words chosen
-    move later stops), with no variance from the words, and it moves no word's probability except the end
-    token's. Meant for quantities of the length alone, and measured to help for lower bounds on it (README).
+    move later stops), with no variance from the words, and with no direct gradient to how the words share the
+    non-end probability. Meant for quantities of the length alone; measured to help for lower bounds on it (README).
     """
 
     kind = "constraint"
