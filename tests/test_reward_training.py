@@ -311,7 +311,7 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     if not (SHARED_DATA / "preference").is_dir():
         pytest.skip(f"shared preference data not found at {SHARED_DATA}")
     script = Path(__file__).resolve().parents[1] / "experiments" / "helpful_harmless" / "run.py"
-    cmd = [
+    run_cmd = [
         sys.executable,
         str(script),
         "--quick",
@@ -327,8 +327,10 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
         "score_temperature=false",
         "--set",
         "loss_chunks=2",  # as the CPU preset does (4): each prompt back-propagated on its own
+        "--sft-steps",
+        "3",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(run_cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results" / "results.json").read_text())
     assert [m["method"] for m in res["models"]] == ["SFT", "L3M", "MM"]
@@ -352,6 +354,18 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     assert eff.returncode == 0, eff.stderr[-3000:]
     parts = json.loads((tmp_path / "results" / "efficiency.json").read_text())["points"]["P1"]
     assert parts["l3m"]["steps"] == 2 and 0 < parts["l3m"]["generation_s"] < parts["l3m"]["wall_s"]
+    # the SFT stage has its own length; the L3M and MM runs keep --steps
+    assert res["settings"]["sft_steps"] == 3 and res["settings"]["steps"] == 2
+    # --points-from keeps an earlier run's constraint points whatever this run's SFT rewards are
+    earlier = {"points": [{"name": "P1", "b": [-9.0, -9.0], "delta_in_std": [0.25, 0.25]}]}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    proc = subprocess.run(
+        [*run_cmd, "--resume", "--points-from", str(tmp_path / "earlier.json")], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert res["points"] == earlier["points"] and res["settings"]["points_from"] == str(tmp_path / "earlier.json")
+    assert [m["verdicts"] for m in res["models"] if m["method"] == "L3M"] == [["holds", "holds"]]
 
 
 def test_long_pairs_keep_their_ends_or_are_dropped(tiny_model):

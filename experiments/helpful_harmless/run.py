@@ -23,8 +23,9 @@ Stages, each ``l3m`` training run in a child process whose wall clock and peak m
    log-perplexity of held-out references (mean ± std); then ``results.json``, ``results.md`` and
    ``figure3.png`` (``l3m.report_rewards.plot_reward_plane``).
 
-Wall clock: an L3M's own run; an MM's is its alignment run plus the SFT stage (which has as many steps as
-the L3M run). ``--resume`` reuses finished stages of an interrupted run.
+Wall clock: an L3M's own run; an MM's is its alignment run plus the SFT stage (by default as many steps as
+the L3M run; ``--sft-steps epoch``: one pass over the task data, as in the paper).
+``--resume`` reuses finished stages of an interrupted run.
 """
 
 from __future__ import annotations
@@ -292,6 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rm-model", default="default", help="reward-model backbone (default SmolLM2-135M-Instruct)")
     p.add_argument("--task-data", default=str(SHARED / "sft" / "instruction_data_short.json"))
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of SFT, each L3M and each MM")
+    p.add_argument(
+        "--sft-steps",
+        default=None,
+        help="optimiser steps of the SFT stage alone (default: --steps, as many as each L3M / MM run); "
+        "'epoch' runs one pass over the task's training split, the paper's SFT stage",
+    )
+    p.add_argument(
+        "--points-from",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="take the constraint points (b1, b2) from an earlier run's results.json instead of placing them above "
+        "this run's SFT rewards (to change the SFT stage and keep the points)",
+    )
     p.add_argument("--results", default=None, help="results folder (default experiments/helpful_harmless/results)")
     p.add_argument("--runs", default=None, help="checkpoint folder (default runs/helpful_harmless)")
     p.add_argument("--resume", action="store_true", help="reuse the stages an earlier run finished")
@@ -463,11 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     data_cfg = {"train": rel(ns.task_data), "heldout_fraction": frac}
 
     # 3. SFT and its rewards
-    sft = stage(
-        "sft",
-        "train",
-        {"model": ns.model, "data": data_cfg, "training": {**base_training, "output_dir": rel(runs / "sft")}},
-    )
+    sft_training = {**base_training, "output_dir": rel(runs / "sft")}
+    if ns.sft_steps == "epoch":  # one pass over the task's training split
+        sft_training.update(max_steps=-1, num_train_epochs=1)
+    elif ns.sft_steps is not None:
+        try:
+            sft_training["max_steps"] = int(ns.sft_steps)
+        except ValueError:
+            p.error(f"--sft-steps expects a number of steps or 'epoch', got {ns.sft_steps!r}")
+    sft = stage("sft", "train", {"model": ns.model, "data": data_cfg, "training": sft_training})
     from l3m.rewards import RewardModel
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -481,14 +499,17 @@ def main(argv: list[str] | None = None) -> int:
         evals["SFT"] = evaluate(sft["output_dir"], "SFT", rms, [0.0, 0.0], scales, heldout, eval_prompts, S["eval"])
         evals_file.write_text(json.dumps(list(evals.values()), default=float))
     sft_r = [next(c["mean_raw"] for c in evals["SFT"]["constraints"] if c["name"] == a) for a in AXES]
-    points = [
-        {
-            "name": f"P{i + 1}",
-            "b": [round(r + d * s, 4) for r, d, s in zip(sft_r, delta, scales)],
-            "delta_in_std": delta,
-        }
-        for i, delta in enumerate(S["deltas"])
-    ]
+    if ns.points_from:  # the points of an earlier run, as they were (their deltas are against its SFT model)
+        points = json.loads(Path(ns.points_from).read_text())["points"]
+    else:
+        points = [
+            {
+                "name": f"P{i + 1}",
+                "b": [round(r + d * s, 4) for r, d, s in zip(sft_r, delta, scales)],
+                "delta_in_std": delta,
+            }
+            for i, delta in enumerate(S["deltas"])
+        ]
     print(f"   SFT mean rewards {sft_r}; constraint points {[p['b'] for p in points]}", flush=True)
 
     # 4. per point: one L3M, one MM
@@ -539,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
             "preset": preset,
             "overrides": ns.set,
             "steps": steps,
+            "sft_steps": json.loads((Path(sft["output_dir"]) / "summary.json").read_text()).get("steps")
+            if (Path(sft["output_dir"]) / "summary.json").is_file()
+            else None,
+            "points_from": ns.points_from,
             "model": ns.model,
             "rm_model": ns.rm_model,
             "task_data": ns.task_data,
@@ -640,7 +665,8 @@ def summary_md(res: dict) -> str:
     if res["quick"]:
         lines += ["**Quick mode: a pipeline check with a few steps per stage; these numbers are not results.**", ""]
     lines += [
-        f"Device: {res['device']}; {res['settings']['steps']} optimiser steps per SFT / L3M / MM run; "
+        f"Device: {res['device']}; {res['settings']['steps']} optimiser steps per L3M / MM run, "
+        f"{res['settings'].get('sft_steps') or res['settings']['steps']} in the SFT stage; "
         f"total wall clock {res['wall_clock_s'] / 60:.1f} min.",
         "",
         "| reward model | held-out pairs | pairwise accuracy [95% CI] | reward std (= constraint scale) |",
