@@ -360,7 +360,10 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     earlier = {"points": [{"name": "P1", "b": [-9.0, -9.0], "delta_in_std": [0.25, 0.25]}]}
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     proc = subprocess.run(
-        [*run_cmd, "--resume", "--points-from", str(tmp_path / "earlier.json")], capture_output=True, text=True, timeout=900
+        [*run_cmd, "--resume", "--points-from", str(tmp_path / "earlier.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results" / "results.json").read_text())

@@ -209,32 +209,26 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
     # standard error (the std bars are the spread over references, far wider than the uncertainty of a difference)
     from l3m.evaluation import paired_difference
 
-    paired = False
-    for i, p in enumerate(points):
+    # the paired differences go under each point's tick label, clear of the bars and the legend
+    labels, paired = [], False
+    for p in points:
         per = {
             m.get("method"): m.get("task_logppl_per_example")
             for m in models
             if m.get("point") == p["name"] and m.get("method") in ("L3M", "MM")
         }
         d = paired_difference(per.get("L3M"), per.get("MM"))
-        if d:
-            paired = True
-            ax2.annotate(
-                f"L3M − MM\n{d['mean']:+.3f} ± {d['se']:.3f}",
-                (i, 0.02),
-                xycoords=("data", "axes fraction"),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                color=color[p["name"]],
-            )
-    ax2.set_xticks(range(len(points)), [p["name"] for p in points])
+        paired = paired or bool(d)
+        labels.append(f"{p['name']}\nL3M − MM:\n{d['mean']:+.3f} ± {d['se']:.3f}" if d else p["name"])
+    ax2.set_xticks(range(len(points)), labels)
+    for tick, p in zip(ax2.get_xticklabels(), points):
+        tick.set_color(color[p["name"]])
     ax2.set_xlim(-0.6, len(points) - 0.4)
     ax2.set(
         xlabel="constraint point",
         ylabel="task log-perplexity (nats per response token)",
         title="Task log-perplexity (mean ± std over held-out examples)"
-        + ("\nbottom: paired difference ± standard error" if paired else ""),
+        + ("\nunder each point: paired L3M − MM ± s.e." if paired else ""),
     )
     ax2.grid(axis="y", alpha=0.3)
     ax2.legend(fontsize=8)
