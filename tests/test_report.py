@@ -194,3 +194,47 @@ def test_length_experiment_gradient_option_sets_every_length_constraint():
             cons = build_constraints(cfgs[name]["constraints"])
             assert [c.gradient for c in cons] == [gradient, gradient]
     assert "gradient" not in exp.model_configs()["l3m_short"]["constraints"][0]  # the default configs are unchanged
+
+
+def test_eos_bias_yardstick_lowers_only_the_end_logits_and_lengthens(talking_model):
+    """experiments/length/eos_bias.py: the hook shifts the end tokens' logits alone, and a large shift stops no one."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from l3m.data import Example
+    from l3m.evaluation import sample_responses
+    from l3m.logprobs import eos_token_ids
+    from l3m.models import load_causal_lm, load_tokenizer
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "length" / "eos_bias.py"
+    spec = importlib.util.spec_from_file_location("eos_bias", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tok, model = load_tokenizer(str(talking_model)), load_causal_lm(str(talking_model))
+    eos = eos_token_ids(model, tok)
+    ids = torch.tensor([tok("Repeat the word 'go' 5 times.")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        handle = mod.bias_end_tokens(model, eos, 3.0)
+        shifted = model(input_ids=ids).logits
+        handle.remove()
+        after = model(input_ids=ids).logits
+    others = [i for i in range(before.shape[-1]) if i not in eos]
+    assert torch.allclose(shifted[..., eos], before[..., eos] - 3.0)
+    assert torch.equal(shifted[..., others], before[..., others]) and torch.equal(after, before)
+    prompts = [
+        Example(prompt=[{"role": "user", "content": f"Repeat the word 'go' {n} times."}], response="") for n in (2, 3)
+    ]
+
+    def lengths(delta):
+        handle = mod.bias_end_tokens(model, eos, delta)
+        try:
+            s = sample_responses(model, tok, prompts, k=4, max_new_tokens=12, temperature=1.0, progress=False)
+        finally:
+            handle.remove()
+        return s.batch.lengths
+
+    assert (lengths(0.0) < 12).any()  # the trained model ends some responses by itself
+    assert (lengths(50.0) == 12).all()  # with its end tokens 50 nats down, none ends before the cap
