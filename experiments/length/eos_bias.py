@@ -49,17 +49,8 @@ def bias_end_tokens(model, ids: list[int], delta: float):
 def measure(model, tok, heldout, delta: float) -> dict:
     handle = bias_end_tokens(model, eos_token_ids(model, tok), delta)
     try:
-        s = sample_responses(
-            model,
-            tok,
-            heldout,
-            k=EVAL["k"],
-            max_new_tokens=EVAL["max_new_tokens"],
-            temperature=EVAL["temperature"],
-            batch_size=EVAL["batch_size"],
-            seed=EVAL["seed"],
-            progress=False,
-        )
+        sampling = {key: EVAL[key] for key in ("k", "max_new_tokens", "temperature", "batch_size", "seed")}
+        s = sample_responses(model, tok, heldout, **sampling, progress=False)  # as run.py evaluates every model
         ppl, body, end = task_logppl(model, tok, heldout, max_length=256, progress=False, split_end=True)
     finally:
         handle.remove()
