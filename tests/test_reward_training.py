@@ -369,6 +369,24 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     res = json.loads((tmp_path / "results" / "results.json").read_text())
     assert res["points"] == earlier["points"] and res["settings"]["points_from"] == str(tmp_path / "earlier.json")
     assert [m["verdicts"] for m in res["models"] if m["method"] == "L3M"] == [["holds", "holds"]]
+    # evaluate_one.py evaluates a checkpoint as run.py does: on the run's own MM it gives the run's numbers
+    one = [sys.executable, str(script.parent / "evaluate_one.py"), str(tmp_path / "runs" / "mm_P1")]
+    one += [
+        "--results",
+        str(tmp_path / "results"),
+        "--point",
+        "P1",
+        "--name",
+        "MM@P1",
+        "-o",
+        str(tmp_path / "one.json"),
+    ]
+    proc = subprocess.run(one, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((tmp_path / "one.json").read_text())
+    mm = next(m for m in res["models"] if m["method"] == "MM")
+    assert again["rewards"] == pytest.approx(mm["rewards"]) and again["verdicts"] == mm["verdicts"]
+    assert again["task_logppl"]["mean"] == pytest.approx(mm["task_logppl"]["mean"])
 
 
 def test_long_pairs_keep_their_ends_or_are_dropped(tiny_model):
