@@ -157,3 +157,29 @@ def test_constraint_with_wide_margin_behaves_like_sft(tmp_path, tiny_model, coun
         ]
     )
     assert (pa - pb).norm() < 0.05 * (pa - p0).norm()  # the updates are nearly identical
+
+
+def test_gradient_parts_add_up_to_the_logged_gradient_norm(tmp_path, talking_model, counting_rows):
+    """log_gradient_parts: the task and constraint gradients, each by its own backward, recombine to the norm of the
+    gradient the optimiser got (transformers' grad_norm, before clipping), and training is unchanged by them."""
+    kw = dict(max_steps=3, per_device_train_batch_size=4, num_generations=2, max_new_tokens=16, logging_steps=1)
+    runs = {}
+    for flag in (False, True):
+        trainer = L3MTrainer(
+            str(talking_model),
+            args=tiny_args(tmp_path / str(flag), log_gradient_parts=flag, **kw),
+            train_dataset=counting_rows * 2,
+            constraints=[LengthConstraint(3, "max", scale=4)],  # violated: lambda is large
+        )
+        trainer.train()
+        runs[flag] = [h for h in trainer.state.log_history if "task_nll" in h]
+    plain, parts = runs[False], runs[True]
+    assert [h["loss"] for h in plain] == [h["loss"] for h in parts]  # the diagnostic does not change the run
+    for h in parts:
+        t, c, cos = h["grad_parts/task_norm"], h["grad_parts/constraints_norm"], h["grad_parts/cosine"]
+        assert t > 0 and c > 0 and -1 <= cos <= 1
+        total = (t * t + c * c + 2 * cos * t * c) ** 0.5
+        assert abs(total - h["grad_norm"]) <= 1e-3 * h["grad_norm"], (total, h["grad_norm"])
+        assert abs(h["grad_parts/task_share"] - t / total) < 1e-4
+    with pytest.raises(ValueError, match="loss_chunks"):
+        tiny_args(tmp_path, log_gradient_parts=True, loss_chunks=2)

@@ -104,6 +104,17 @@ class L3MConfig(TrainingArguments):
             "Costs a little speed: smaller forward passes. 1 (default) = one pass. Not with DeepSpeed or FSDP."
         },
     )
+    log_gradient_parts: bool = field(
+        default=False,
+        metadata={
+            "help": "Diagnostic: each step, also log the norm of the task loss's gradient (grad_parts/task_norm), of "
+            "the constraints' surrogate gradient sum_i lambda_i grad C_i (grad_parts/constraints_norm), their cosine, "
+            "and the task's share of the whole gradient's norm (grad_parts/task_share), before clipping. Shows when "
+            "the constraints' noisy score-function gradient takes most of each (clipped, Adam-normalised) update and "
+            "the task loss moves slowly. Costs two extra backward passes per micro-batch; norms are per process and "
+            "micro-batch. Not with loss_chunks, DeepSpeed or FSDP."
+        },
+    )
     method: str = field(
         default="l3m",
         metadata={
@@ -158,6 +169,8 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"need 0 < mu_min <= mu_init, got mu_min={self.mu_min}, mu_init={self.mu_init}")
         if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks < 1:
             raise ValueError(f"loss_chunks must be an integer >= 1, got {self.loss_chunks!r}")
+        if self.log_gradient_parts and self.loss_chunks > 1:
+            raise ValueError("log_gradient_parts needs the one-pass loss: set loss_chunks to 1")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self.method not in ("l3m", "minimax"):

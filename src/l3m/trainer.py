@@ -792,6 +792,8 @@ class L3MTrainer(Trainer):
                 surrogate = surrogate + (inputs["sample_stop_weights"].to(loss.dtype) * stop_logp).mean()
             loss = loss + self._share("samples") * surrogate
             self.record_metric("sample/mean_logprob", float(seq_logp.detach().mean()), "samples")
+            if has_task and model.training and self.args.log_gradient_parts:
+                self._log_gradient_parts(model, task_nll, surrogate)
         bad = not bool(torch.isfinite(loss.detach()))
         if model.training and self.accelerator.num_processes > 1:  # every process stops together, before backward
             flag = torch.tensor([float(bad)], device=loss.device)
@@ -800,6 +802,29 @@ class L3MTrainer(Trainer):
         if bad:
             raise NonFiniteError(f"the loss is {loss.item()} at step {self.state.global_step}; no optimiser step taken")
         return (loss, None) if return_outputs else loss
+
+    def _log_gradient_parts(self, model, task_nll: torch.Tensor, surrogate: torch.Tensor) -> None:
+        """The diagnostic ``log_gradient_parts``: the task gradient g_T and the constraints' g_C = sum_i lambda_i
+        grad C_i, each by its own backward pass (the graph kept for the real one). Both are scaled like the loss,
+        so g_T + g_C is the gradient the optimiser gets (before clipping); ``task_share`` = |g_T| / |g_T + g_C|."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        g_t = torch.autograd.grad(task_nll, params, retain_graph=True, allow_unused=True)
+        g_c = torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True)
+        tt = cc = tc = 0.0
+        for a, b in zip(g_t, g_c):
+            a = a.float() if a is not None else None
+            b = b.float() if b is not None else None
+            if a is not None:
+                tt += float((a * a).sum())
+            if b is not None:
+                cc += float((b * b).sum())
+            if a is not None and b is not None:
+                tc += float((a * b).sum())
+        total = max(tt + cc + 2 * tc, 0.0) ** 0.5
+        self.record_metric("grad_parts/task_norm", tt**0.5, "task")
+        self.record_metric("grad_parts/constraints_norm", cc**0.5, "samples")
+        self.record_metric("grad_parts/cosine", tc / max((tt * cc) ** 0.5, 1e-30), "samples")
+        self.record_metric("grad_parts/task_share", tt**0.5 / max(total, 1e-30), "samples")
 
     # ------------------------------------------------------------------------------------------
     # loss_chunks: a micro-batch's loss in chunks of prompts, each back-propagated before the next
