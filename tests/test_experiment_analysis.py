@@ -102,3 +102,46 @@ def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path
     s = out["summary"]["l3m_short (gradient: stop)"]
     assert s["seeds"] == [0] and s["mean_ratio_to_sft"] == pytest.approx(1.05) and s["no_verdict_violated"] is False
     assert out["summary"]["l3m_short"]["seeds"] == [0, 2]
+
+
+def test_gradient_noise_moments_recover_a_known_signal_and_noise():
+    """N draws g_i = mu + noise with |mu| = 2 and E|noise|^2 = 9: the unbiased estimates recover both, and the
+    conservative bound on the prompts needed for signal = noise stays below the point estimate."""
+    from gradient_noise import Moments
+
+    gen = torch.Generator().manual_seed(0)
+    d, n = 50, 400
+    mu = torch.zeros(d, dtype=torch.float64)
+    mu[:4] = 1.0  # |mu| = 2
+    m = Moments()
+    for _ in range(n):
+        m.add(mu + 3.0 / math.sqrt(d) * torch.randn(d, generator=gen, dtype=torch.float64))
+    s = m.summary(prompts_per_step=8)
+    assert s["noise_sd"] == pytest.approx(3.0, rel=0.05)
+    assert s["signal_norm"] == pytest.approx(2.0, rel=0.05)
+    assert s["snr"] == pytest.approx(2 / 3, rel=0.1)
+    assert s["prompts_for_snr_1"] == pytest.approx(8 * 9 / 4, rel=0.15)
+    assert s["prompts_for_snr_1_at_least"] <= s["prompts_for_snr_1"]
+    assert s["noise_share_of_sq_norm"] == pytest.approx(9 / 13, rel=0.05)
+
+
+def test_gradient_parts_count_the_steps_spent_on_the_constraints():
+    from gradient_parts import summarise
+
+    rows = [{"step": i, "grad_norm": 10.0} for i in range(1, 21)]  # an SFT run: no parts
+    assert summarise(rows)["1-20"] == {"steps": 20, "grad_norm_median": 10.0}
+    rows = [
+        {
+            "step": i,
+            "grad_norm": n,
+            "grad_parts/task_norm": 5.0,
+            "grad_parts/constraints_norm": n,
+            "grad_parts/cosine": 0.0,
+            "grad_parts/task_share": 5.0 / n,
+        }
+        for i, n in zip(range(1, 5), (5.0, 100.0, 1000.0, 10.0))
+    ]
+    cell = summarise(rows)["1-20"]
+    assert cell["steps_task_share_below_0.1"] == 2  # 5/100 and 5/1000
+    assert cell["grad_norm_median"] == pytest.approx(55.0)  # the median is not swamped by the 1000
+    assert cell["task_share_mean"] == pytest.approx((1 + 0.05 + 0.005 + 0.5) / 4)

@@ -185,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     results_file = results_dir / "results.json"
     if ns.report_only:
         res = json.loads(results_file.read_text())
+        runs = results_dir / "runs"  # per-run metrics; absent from results committed before stop 17 (see README)
         make_report(
-            sorted((results_dir / "runs").iterdir()),
+            sorted(runs.iterdir()) if runs.is_dir() else [],
             res["evaluations"],
             results_dir,
             res["ranges"],
