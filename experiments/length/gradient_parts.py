@@ -93,7 +93,7 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
             b.plot(steps, [r["grad_norm"] for r in rows], color="k", lw=1, label=f"{model}: g_T")
     a.axhline(1, color="k", lw=1, ls="--")
     a.text(1, 0.97, "SFT: the whole update is the task's", va="top", fontsize=8)
-    a.set(xlabel="optimiser step", ylabel="|g_T| / |g_T + g_C|", ylim=(0, 1.05))
+    a.set(xlabel="optimiser step", ylabel="|g_T| / |g_T + g_C|", ylim=(0, 1.15))
     a.set_title("The task loss's share of each step's gradient", fontsize=10)
     a.legend(fontsize=8)
     b.set_yscale("log")
