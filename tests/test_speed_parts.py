@@ -302,3 +302,30 @@ def test_stop_gradient_surrogate_is_the_stop_decisions_log_probability(tmp_path,
     loss_b, grads_b = loss_and_grads(trainer, batch)
     assert torch.allclose(loss_a, loss_b, atol=1e-5)
     assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4
+
+
+def test_prompt_batch_size_without_a_prompt_set_samples_more_training_prompts(tmp_path, talking_model, counting_rows):
+    """``prompt_batch_size`` other than the batch size, with no prompt set: each step samples that many of the
+    training prompts (not only the task rows' own), the task rows get their own forward pass, and training runs."""
+    k = 2
+    trainer = make_trainer(
+        tmp_path, talking_model, counting_rows, per_device_train_batch_size=2, prompt_batch_size=5, num_generations=k
+    )
+    assert trainer._separate_prompts
+    batch = sampled_batch(trainer)
+    assert batch["input_ids"].shape[0] == 2  # the task loss's batch is unchanged
+    assert batch["sample_input_ids"].shape[0] == 5 * k
+    train_prompts = {tuple(f["prompt_ids"]) for f in trainer.train_dataset.items}
+    sampled = {tuple(p[m.bool()].tolist()) for p, m in zip(batch["sample_prompt_ids"], batch["sample_prompt_mask"])}
+    assert len(sampled) == 5 and sampled <= train_prompts
+    trainer.model.train()
+    loss, grads = loss_and_grads(trainer, batch)
+    assert torch.isfinite(loss) and grads.norm() > 0
+    # the default (and an explicit value equal to the batch size) samples the task rows' own prompts
+    same = make_trainer(tmp_path, talking_model, counting_rows, per_device_train_batch_size=2, prompt_batch_size=2)
+    assert not same._separate_prompts
+    trainer.args.max_steps = 2
+    trainer.train()
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="prompt_batch_size"):
+        tiny_args(tmp_path, prompt_batch_size=0)

@@ -276,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 name=f"{name} on {OTHER.name}",
             )
         t_eval = time.time() - t0
+        tr = cfg["training"]
+        prompts_per_step = tr.get("prompt_batch_size") or tr["per_device_train_batch_size"]
         ev["step_noise"] = step_noise(
-            ev, cfg["training"]["per_device_train_batch_size"], cfg["training"]["num_generations"]
+            ev, prompts_per_step * tr.get("gradient_accumulation_steps", 1), tr["num_generations"]
         )
         ev["range"] = list(RANGES[name[4:]]) if name.startswith("l3m_") else None
         evaluations[name] = ev

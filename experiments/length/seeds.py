@@ -29,6 +29,9 @@ SEED_RUNS = {
     "results_stop_seed2_medium": 2,
     "results_stop_seed1_short": 1,
     "results_stop_seed2_short": 2,
+    "results_p16_stop": 0,
+    "results_p16_stop_seed1_medium": 1,
+    "results_p16_stop_seed2_medium": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient); the rest:
 # "sequence", the method's. Each estimator is summarised on its own.
@@ -38,7 +41,12 @@ GRADIENT_OF = {
     "results_stop_seed2_medium": "stop",
     "results_stop_seed1_short": "stop",
     "results_stop_seed2_short": "stop",
+    "results_p16_stop": "stop",
+    "results_p16_stop_seed1_medium": "stop",
+    "results_p16_stop_seed2_medium": "stop",
 }
+# folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
+PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed1_medium": 16, "results_p16_stop_seed2_medium": 16}
 L3MS = ("l3m_short", "l3m_medium", "l3m_long")
 
 
@@ -70,11 +78,16 @@ def collect(root: Path = HERE) -> dict:
             d, se = _paired(e["task_logppl"]["per_example"], sft["per_example"])
             verdicts = [c["verdict"] for c in e["constraints"] if c["name"].startswith(name.split("_", 1)[1] + "_")]
             gradient = GRADIENT_OF.get(folder, "sequence")
+            prompts = PROMPTS_OF.get(folder, 8)
+            notes = ([f"gradient: {gradient}"] if gradient != "sequence" else []) + (
+                [f"{prompts} prompts per step"] if prompts != 8 else []
+            )
             rows.append(
                 {
                     "model": name,
                     "gradient": gradient,
-                    "label": name if gradient == "sequence" else f"{name} (gradient: {gradient})",
+                    "prompts_per_step": prompts,
+                    "label": f"{name} ({'; '.join(notes)})" if notes else name,
                     "seed": seed,
                     "folder": folder,
                     "range": e.get("range"),
@@ -88,7 +101,9 @@ def collect(root: Path = HERE) -> dict:
                 }
             )
     summary = {}
-    for label in dict.fromkeys(r["label"] for r in sorted(rows, key=lambda r: r["gradient"] != "sequence")):
+    for label in dict.fromkeys(
+        r["label"] for r in sorted(rows, key=lambda r: (r["gradient"] != "sequence", r["prompts_per_step"]))
+    ):
         rs = [r for r in rows if r["label"] == label]
         n = len(rs)
         summary[label] = {

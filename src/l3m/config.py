@@ -22,7 +22,11 @@ class L3MConfig(TrainingArguments):
     )
     prompt_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Prompts sampled per micro-batch and process; default per_device_train_batch_size."},
+        metadata={
+            "help": "Prompts sampled per micro-batch and process; default per_device_train_batch_size (the task "
+            "rows' own prompts). Any other value draws them from the prompt set (data.prompts) or, without one, "
+            "from the training prompts: more prompts than task rows lower the variance of the constraints' estimates."
+        },
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Longest sampled response, in tokens."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
@@ -167,6 +171,8 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"average_tail must be in [0, 1] (a fraction of the steps), got {self.average_tail}")
         if not (0 < self.mu_min <= self.mu_init):
             raise ValueError(f"need 0 < mu_min <= mu_init, got mu_min={self.mu_min}, mu_init={self.mu_init}")
+        if self.prompt_batch_size is not None and self.prompt_batch_size < 1:
+            raise ValueError(f"prompt_batch_size must be >= 1 (or unset), got {self.prompt_batch_size}")
         if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks < 1:
             raise ValueError(f"loss_chunks must be an integer >= 1, got {self.loss_chunks!r}")
         if self.log_gradient_parts and self.loss_chunks > 1:

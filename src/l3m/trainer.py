@@ -143,7 +143,14 @@ class L3MTrainer(Trainer):
             self.prompt_feats = tokenize_examples(
                 tok, self.prompt_examples, args.max_length, args.max_prompt_length, "prompt data"
             )
-        self._separate_prompts = prompt_dataset is not None
+        # Sampled prompts are drawn apart from the task rows when there is a prompt set, or when a different
+        # number of them is asked for (prompt_batch_size): then from the training prompts, by a seeded permutation.
+        # More prompts per step than task rows lower the variance of the constraints' estimates (C_i and its
+        # gradient) without changing the task loss's batch.
+        pbs = args.prompt_batch_size
+        self._separate_prompts = prompt_dataset is not None or (
+            pbs is not None and pbs != args.per_device_train_batch_size
+        )
 
         super().__init__(
             model=model,
