@@ -102,6 +102,20 @@ def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path
     s = out["summary"]["l3m_short (gradient: stop)"]
     assert s["seeds"] == [0] and s["mean_ratio_to_sft"] == pytest.approx(1.05) and s["no_verdict_violated"] is False
     assert out["summary"]["l3m_short"]["seeds"] == [0, 2]
+    # the same estimator with more prompts per step: its own label, and paired with the 8-prompt run of its seed
+    (tmp_path / "results_p16").mkdir()
+    p16 = ev("l3m_short", [1.0, 1.1, 1.0], 10.0)
+    (tmp_path / "results_p16" / "results.json").write_text(json.dumps({"evaluations": [p16]}))
+    monkeypatch.setitem(seeds.SEED_RUNS, "results_p16", 0)
+    monkeypatch.setitem(seeds.GRADIENT_OF, "results_p16", "stop")
+    monkeypatch.setattr(seeds, "PROMPTS_OF", {"results_p16": 16})
+    label = "l3m_short (gradient: stop; 16 prompts per step)"
+    monkeypatch.setattr(seeds, "COMPARE", [(label, "l3m_short (gradient: stop)")])
+    out = seeds.collect(tmp_path)
+    assert list(out["summary"])[-1] == label
+    (v,) = out["variants"]
+    assert v["seed"] == 0 and v["paired_difference"] == pytest.approx(-0.05 + 0.1 / 3)  # 1.0, 1.1, 1.0 - 1.05
+    assert f"| {label} | l3m_short (gradient: stop) | 0 |" in seeds.markdown(out)
 
 
 def test_gradient_noise_moments_recover_a_known_signal_and_noise():

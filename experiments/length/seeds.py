@@ -48,6 +48,8 @@ GRADIENT_OF = {
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed1_medium": 16, "results_p16_stop_seed2_medium": 16}
 L3MS = ("l3m_short", "l3m_medium", "l3m_long")
+# (variant, against): compared seed by seed, paired on the same references
+COMPARE = [("l3m_medium (gradient: stop; 16 prompts per step)", "l3m_medium (gradient: stop)")]
 
 
 def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -98,6 +100,7 @@ def collect(root: Path = HERE) -> dict:
                     "ratio_to_sft": e["task_logppl"]["mean"] / sft["mean"],
                     "paired_minus_sft": d,
                     "paired_se": se,
+                    "_per_example": e["task_logppl"]["per_example"],
                 }
             )
     summary = {}
@@ -118,7 +121,21 @@ def collect(root: Path = HERE) -> dict:
         }
         s = summary[label]
         s["mean_paired_ratio"] = 1 + s["mean_paired_minus_sft"] / s["mean_sft_logppl"]
-    return {"runs": rows, "summary": summary}
+    # a variant against another on the same seed (the same SFT model and held-out references): paired differences
+    variants = []
+    for new_label, old_label in COMPARE:
+        for r in rows:
+            if r["label"] != new_label:
+                continue
+            base = [b for b in rows if b["label"] == old_label and b["seed"] == r["seed"]]
+            if base:
+                d, se = _paired(r["_per_example"], base[0]["_per_example"])
+                variants.append(
+                    {"label": new_label, "against": old_label, "seed": r["seed"], "paired_difference": d, "se": se}
+                )
+    for r in rows:
+        del r["_per_example"]
+    return {"runs": rows, "summary": summary, "variants": variants}
 
 
 def markdown(out: dict) -> str:
@@ -141,6 +158,12 @@ def markdown(out: dict) -> str:
             f"{100 * (s['mean_ratio_to_sft'] - 1):+.1f}% | {s['mean_paired_minus_sft']:+.3f} ± {s['se_of_mean']:.3f} | "
             f"{s['no_verdict_violated']} |"
         )
+    if out.get("variants"):
+        lines += ["", "| variant | against | seed | paired difference in log-ppl (± s.e.) |", "|---|---|---|---|"]
+        for v in out["variants"]:
+            lines.append(
+                f"| {v['label']} | {v['against']} | {v['seed']} | {v['paired_difference']:+.3f} ± {v['se']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
