@@ -30,7 +30,6 @@ SEED_RUNS = {
     "results_stop_seed1_short": 1,
     "results_stop_seed2_short": 2,
     "results_p16_stop": 0,
-    "results_p16_stop_seed1_medium": 1,
     "results_p16_stop_seed2_medium": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient); the rest:
@@ -42,11 +41,10 @@ GRADIENT_OF = {
     "results_stop_seed1_short": "stop",
     "results_stop_seed2_short": "stop",
     "results_p16_stop": "stop",
-    "results_p16_stop_seed1_medium": "stop",
     "results_p16_stop_seed2_medium": "stop",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
-PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed1_medium": 16, "results_p16_stop_seed2_medium": 16}
+PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
 L3MS = ("l3m_short", "l3m_medium", "l3m_long")
 # (variant, against): compared seed by seed, paired on the same references
 COMPARE = [("l3m_medium (gradient: stop; 16 prompts per step)", "l3m_medium (gradient: stop)")]
