@@ -159,3 +159,27 @@ def test_gradient_parts_count_the_steps_spent_on_the_constraints():
     assert cell["steps_task_share_below_0.1"] == 2  # 5/100 and 5/1000
     assert cell["grad_norm_median"] == pytest.approx(55.0)  # the median is not swamped by the 1000
     assert cell["task_share_mean"] == pytest.approx((1 + 0.05 + 0.005 + 0.5) / 4)
+
+
+def test_stop_shift_log_odds_and_a_uniform_bias():
+    """The stop log-odds of known logits, and a uniform end-token bias -d: a shift of -d at every position, and a
+    'same mean shift, uniform' cost equal to the measured one."""
+    from stop_shift import shift_summary, stop_log_odds
+
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, -1.0]])  # vocab 4, end tokens 0 and 1
+    p = torch.softmax(logits, -1)[:, :2].sum(-1)
+    assert torch.allclose(stop_log_odds(logits, [0, 1]), torch.log(p / (1 - p)), atol=1e-6)
+    torch.manual_seed(0)
+    base = [torch.randn(n) for n in (5, 3, 8)]
+    d = 2.0
+    r = shift_summary(base, [b - d for b in base])
+    assert r["end_shift"] == pytest.approx(-d) and r["inner_shift"] == pytest.approx(-d)
+    assert r["end_shift_sd"] == pytest.approx(0.0, abs=1e-6)
+    assert r["end_stop_nll"] == pytest.approx(r["end_stop_nll_uniform_shift"], rel=1e-5)
+    assert sum(b["positions"] for b in r["inner_by_sft_p_stop"]) == 4 + 2 + 7
+    # an uneven shift of the same mean at the ends costs more than a uniform one (the softplus is convex)
+    uneven = [b.clone() for b in base]
+    uneven[0][-1] -= 2 * d
+    uneven[1][-1] -= d
+    r = shift_summary(base, uneven)
+    assert r["end_shift"] == pytest.approx(-d) and r["end_stop_nll"] > r["end_stop_nll_uniform_shift"]
