@@ -88,10 +88,37 @@ def shift_summary(base: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
     }
 
 
+def plot(rows: dict, labels: dict, path: str) -> None:
+    """Grouped bars: each model's mean log-odds shift at the references' ends and inside the text per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = ["at the reference's end"] + [f"inside the text,\nSFT P(stop) in [{lo}, {hi})" for lo, hi in BINS]
+    models = [m for m in rows if rows[m]["end_shift"] != 0 or rows[m]["inner_shift"] != 0]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(len(models), 1)
+    for i, m in enumerate(models):
+        r = rows[m]
+        vals = [r["end_shift"]] + [b["shift"] or 0.0 for b in r["inner_by_sft_p_stop"]]
+        ax.bar([g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))], vals, width, label=labels[m])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("shift of log P(stop) / P(go) against SFT")
+    ax.set_title("Where each model moved its stop decision (a uniform end-token bias δ moves every bar to −δ)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="model directories; the first is the reference (the SFT model)")
     ap.add_argument("-o", "--output", help="write the numbers as JSON here")
+    ap.add_argument("--plot", help="draw the shifts as a PNG here")
+    ap.add_argument("--labels", nargs="+", help="a name per model for the plot (default: the paths)")
     ns = ap.parse_args(argv)
     torch.set_num_threads(2)
     _, heldout = split_heldout(load_examples(str(DATA)), 0.2, seed=0)
@@ -119,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {path} | {r['end_p_stop']:.3f} | {r['end_stop_nll']:.2f} | {r['end_stop_nll_uniform_shift']:.2f} | "
             f"{r['end_shift']:+.2f} ± {r['end_shift_sd']:.2f} | {r['inner_shift']:+.2f} | {bins} |"
         )
+    if ns.plot:
+        plot(rows, dict(zip(ns.models, ns.labels or ns.models, strict=True)), ns.plot)
     if ns.output:
         Path(ns.output).write_text(json.dumps({"reference": ns.models[0], "models": rows}, indent=1))
     return 0
