@@ -329,6 +329,8 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
         "loss_chunks=2",  # as the CPU preset does (4): each prompt back-propagated on its own
         "--sft-steps",
         "3",
+        "--mm",
+        "multiplier_lr=0.5",
     ]
     proc = subprocess.run(run_cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -348,6 +350,10 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     assert {c["name"]: Path(c["model"]).name for c in l3m["constraints"]}["harmless"] == "rm_harmless_ft"
     # --set reaches every training run, and the results say so
     assert l3m["training"]["score_temperature"] is False and l3m["training"]["loss_chunks"] == 2
+    # --mm reaches the MM runs alone
+    mm_cfg = yaml.safe_load((tmp_path / "results" / "configs" / "mm_P1.yaml").read_text())
+    assert mm_cfg["training"]["multiplier_lr"] == 0.5 and "multiplier_lr" not in l3m["training"]
+    assert res["settings"]["mm"]["multiplier_lr"] == 0.5
     # the wall-clock breakdown reads the copied metrics
     cmd = [sys.executable, str(script.parent / "efficiency.py"), str(tmp_path / "results")]
     eff = subprocess.run(cmd, capture_output=True, text=True)

@@ -326,6 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         "(repeatable)",
     )
     p.add_argument(
+        "--mm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the MM runs alone: beta, multiplier_lr (η) or multiplier_init (λ₀), e.g. "
+        "--mm multiplier_lr=1.0 (repeatable)",
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="redo targets, results.md and figure3.png from results.json"
     )
     ns = p.parse_args(argv)
@@ -474,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not key:
             p.error(f"--set expects KEY=VALUE, got {item!r}")
         base_training[key] = yaml.safe_load(value)
+    mm_settings = dict(S["mm"])
+    for item in ns.mm:
+        key, eq, value = item.partition("=")
+        if not eq or key not in mm_settings:
+            p.error(f"--mm expects KEY=VALUE with KEY one of {sorted(mm_settings)}, got {item!r}")
+        mm_settings[key] = yaml.safe_load(value)
     data_cfg = {"train": rel(ns.task_data), "heldout_fraction": frac}
 
     # 3. SFT and its rewards
@@ -530,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             **common,
             "training": {
                 **base_training,
-                **S["mm"],
+                **mm_settings,
                 "method": "minimax",
                 "ref_model": sft["output_dir"],
                 "output_dir": rel(runs / f"mm_{pt['name']}"),
@@ -559,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             **S,
             "preset": preset,
             "overrides": ns.set,
+            "mm": mm_settings,
             "steps": steps,
             "sft_steps": json.loads((Path(sft["output_dir"]) / "summary.json").read_text()).get("steps")
             if (Path(sft["output_dir"]) / "summary.json").is_file()
