@@ -14,9 +14,13 @@ from the same head-only start with the same settings:
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import run  # noqa: E402  (experiments/helpful_harmless/run.py: the CPU preset's settings)
 
 from l3m.preference_data import load_preference_sources, split_pairs
 from l3m.reward_training import prepare_pairs
@@ -56,15 +60,7 @@ def main() -> None:
         "model": ns.start,
         "data": {"train": [files["hh_train"], files["pku_train"]], "eval": files["hh_heldout"]},
         "training": {
-            "num_train_epochs": 1,
-            "per_device_train_batch_size": 8,
-            "learning_rate": 2.0e-5,
-            "lr_scheduler_type": "cosine",
-            "warmup_steps": 10,
-            "weight_decay": 0.1,
-            "max_length": 256,
-            "logging_steps": 10,
-            "disable_tqdm": True,
+            **run.CPU["rm_finetune"]["harmless"],  # the experiment's fine-tuning settings (run 2), unchanged
             "output_dir": str(out / "rm_harmless_ft_pku"),
             "seed": 0,
         },
