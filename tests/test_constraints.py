@@ -89,7 +89,10 @@ def test_leave_one_out_baseline():
         ({"kind": "length", "max": "ten"}, "must be a number"),
         ({"kind": "reward", "model": "m", "at_least": 0, "max_length": 0}, "'max_length' must be a positive integer"),
         ({"kind": "reward", "model": "m", "at_least": 0, "batch_size": "8"}, "'batch_size' must be a positive integer"),
-        ({"kind": "length", "max": 3, "gradient": "stops"}, r"'gradient' must be one of \['sequence', 'stop'\]"),
+        (
+            {"kind": "length", "max": 3, "gradient": "stops"},
+            r"'gradient' must be one of \['sequence', 'stop', 'shift'\]",
+        ),
         ({"kind": "reward", "model": "m", "at_least": 0, "gradient": "stop"}, "unknown field 'gradient'"),
     ],
 )

@@ -304,6 +304,72 @@ def test_stop_gradient_surrogate_is_the_stop_decisions_log_probability(tmp_path,
     assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4
 
 
+@pytest.mark.parametrize("min_p", [0.0, 0.02])
+def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(tmp_path, talking_model, counting_rows, min_p):
+    """``gradient: shift``: the surrogate is ``g * mean_t s_t`` with ``s_t`` the stop log-odds at each sampled
+    decision and ``g = mean_j w_j sum_t (1[stop] - P_t(stop))``, computed here from a plain forward pass; ``g`` is
+    the derivative of the weighted constraint under a uniform shift of the stop log-odds (checked against the
+    analytic score of each sample's decisions); the mean counts the decisions with P(stop) >= shift_min_stop_prob;
+    loss and gradient agree on both paths; loss_chunks is refused."""
+    args = tiny_args(
+        tmp_path,
+        per_device_train_batch_size=3,
+        max_new_tokens=30,
+        task_loss=False,
+        temperature=0.7,
+        shift_min_stop_prob=min_p,
+    )
+    con = LengthConstraint(5, "max", gradient="shift")
+    trainer = L3MTrainer(str(talking_model), args=args, train_dataset=counting_rows, constraints=[con])
+    batch = sampled_batch(trainer)
+    w = batch["sample_shift_weights"]
+    assert w.abs().sum() > 0 and batch["sample_weights"].abs().sum() == 0 and "sample_stop_weights" not in batch
+    model = trainer.model.train()
+    eos = trainer.eos_token_ids
+    model.zero_grad()
+    logodds, scores, n, n_all = [], [], 0, 0
+    for i in range(w.numel()):
+        ids, mask = batch["sample_input_ids"][i], batch["sample_mask"][i]
+        ids = ids[batch["sample_attention_mask"][i].bool()]
+        resp = mask[: ids.numel()].bool()
+        logits = model(input_ids=ids.unsqueeze(0)).logits[0, :-1] / 0.7
+        pos = resp[1:].nonzero().flatten()
+        logp = logits[pos].log_softmax(-1)
+        log_stop = logp[:, eos].logsumexp(-1)
+        s = log_stop - torch.log1p(-log_stop.exp())
+        ends = torch.isin(ids[1:][pos], torch.tensor(eos)).float()
+        # d/d delta of log P(decisions) when every s_t gets + delta: sum_t (1[stop] - sigmoid(s_t + delta)) at 0
+        delta = torch.zeros((), requires_grad=True)
+        dec = (ends * torch.nn.functional.logsigmoid(s.detach() + delta)).sum()
+        dec = dec + ((1 - ends) * torch.nn.functional.logsigmoid(-(s.detach() + delta))).sum()
+        (d_dec,) = torch.autograd.grad(dec, delta)
+        scores.append(d_dec)
+        keep = s.detach().sigmoid() >= min_p
+        logodds.append(s[keep].sum())
+        n += int(keep.sum())
+        n_all += pos.numel()
+    assert 0 < n <= n_all and (n == n_all) == (min_p == 0), (n, n_all)  # the floor leaves some decisions out
+    g = (w * torch.stack(scores)).mean()
+    surrogate = g * torch.stack(logodds).sum() / n
+    surrogate.backward()
+    want_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    loss_a, grads_a = loss_and_grads(trainer, batch)
+    assert torch.allclose(loss_a, surrogate.detach(), atol=1e-5)
+    assert float((grads_a - want_grads).norm() / want_grads.norm()) < 1e-4
+    trainer._prefix_sharing_failed = True
+    loss_b, grads_b = loss_and_grads(trainer, batch)
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4
+    with pytest.raises(L3MUserError, match="loss_chunks"):
+        L3MTrainer(
+            str(talking_model),
+            args=tiny_args(tmp_path, loss_chunks=2),
+            train_dataset=counting_rows,
+            constraints=[LengthConstraint(5, "max", gradient="shift")],
+        )
+
+
 def test_prompt_batch_size_without_a_prompt_set_samples_more_training_prompts(tmp_path, talking_model, counting_rows):
     """``prompt_batch_size`` other than the batch size, with no prompt set: each step samples that many of the
     training prompts (not only the task rows' own), the task rows get their own forward pass, and training runs."""

@@ -91,7 +91,7 @@ def mean_length(model_dir, rows, k=4, n=24):
     return float(s.batch.lengths.float().mean())
 
 
-@pytest.mark.parametrize("gradient", ["sequence", "stop"])
+@pytest.mark.parametrize("gradient", ["sequence", "stop", "shift"])
 def test_length_constraint_pulls_mean_below_limit_and_lambda_falls(tmp_path, talking_model, counting_rows, gradient):
     before = mean_length(talking_model, counting_rows)
     limit = round(0.5 * before)

@@ -141,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--gradient",
-        choices=["sequence", "stop"],
+        choices=["sequence", "stop", "shift"],
         default="sequence",
         help="the length constraints' gradient estimator: the score function of the whole response (sequence, "
-        "the method's) or of its stop decisions only (stop); see the README",
+        "the method's), of its stop decisions only (stop), or that projected on a uniform shift of the stop "
+        "log-odds (shift); see the README",
     )
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
     p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")

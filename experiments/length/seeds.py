@@ -31,6 +31,12 @@ SEED_RUNS = {
     "results_stop_seed2_short": 2,
     "results_p16_stop": 0,
     "results_p16_stop_seed2_medium": 2,
+    "results_shift_all": 0,
+    "results_shift_all_seed1_medium": 1,
+    "results_shift_all_seed2_medium": 2,
+    "results_shift_floor": 0,
+    "results_shift_floor_seed1_medium": 1,
+    "results_shift_floor_seed2_medium": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient); the rest:
 # "sequence", the method's. Each estimator is summarised on its own.
@@ -42,12 +48,22 @@ GRADIENT_OF = {
     "results_stop_seed2_short": "stop",
     "results_p16_stop": "stop",
     "results_p16_stop_seed2_medium": "stop",
+    "results_shift_all": "shift, every decision",
+    "results_shift_all_seed1_medium": "shift, every decision",
+    "results_shift_all_seed2_medium": "shift, every decision",
+    "results_shift_floor": "shift",
+    "results_shift_floor_seed1_medium": "shift",
+    "results_shift_floor_seed2_medium": "shift",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
 L3MS = ("l3m_short", "l3m_medium", "l3m_long")
 # (variant, against): compared seed by seed, paired on the same references
-COMPARE = [("l3m_medium (gradient: stop; 16 prompts per step)", "l3m_medium (gradient: stop)")]
+COMPARE = [
+    ("l3m_medium (gradient: stop; 16 prompts per step)", "l3m_medium (gradient: stop)"),
+    ("l3m_medium (gradient: shift)", "l3m_medium (gradient: stop)"),
+    ("l3m_medium (gradient: shift)", "l3m_medium"),
+]
 
 
 def _paired(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -108,6 +108,16 @@ class L3MConfig(TrainingArguments):
             "Costs a little speed: smaller forward passes. 1 (default) = one pass. Not with DeepSpeed or FSDP."
         },
     )
+    shift_min_stop_prob: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Constraints with 'gradient: shift' (ours): the uniform push on the stop log-odds counts only the "
+            "decisions where the model's P(stop) is at least this (detached); dC/d(shift) is still estimated over all "
+            "of them. Why: a shift of a few nats changes the length only where stopping is plausible, and pushing "
+            "log-odds that are already near -50 (most positions inside a sentence) moves the weights for nothing: "
+            "with 0 (every decision) the length experiment's task loss rose to 1-3.5 nats (README). Default 1e-4."
+        },
+    )
     log_gradient_parts: bool = field(
         default=False,
         metadata={
@@ -175,6 +185,8 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"prompt_batch_size must be >= 1 (or unset), got {self.prompt_batch_size}")
         if not isinstance(self.loss_chunks, int) or isinstance(self.loss_chunks, bool) or self.loss_chunks < 1:
             raise ValueError(f"loss_chunks must be an integer >= 1, got {self.loss_chunks!r}")
+        if not 0 <= self.shift_min_stop_prob < 1:
+            raise ValueError(f"shift_min_stop_prob must be in [0, 1), got {self.shift_min_stop_prob}")
         if self.log_gradient_parts and self.loss_chunks > 1:
             raise ValueError("log_gradient_parts needs the one-pass loss: set loss_chunks to 1")
         if self.max_new_tokens < 1:

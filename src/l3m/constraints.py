@@ -50,7 +50,7 @@ class ConstraintState:
         return self.value <= 0
 
 
-GRADIENTS = ("sequence", "stop")
+GRADIENTS = ("sequence", "stop", "shift")
 
 
 class Constraint:
@@ -63,6 +63,12 @@ class Constraint:
     respect to *where the model stops*, with what it says held fixed: biased (it leaves out how the words chosen
     move later stops), with no variance from the words, and with no direct gradient to how the words share the
     non-end probability. Meant for quantities of the length alone; measured to help for lower bounds on it (README).
+    ``"shift"`` (ours): the stop estimator projected on one direction, a uniform shift ``delta`` of every stop
+    log-odds ``s_t = log P(stop) - log P(go)``. The step's samples estimate the scalar
+    ``dC/d delta = E[(c - b) sum_t (1[d_t = stop] - P_t(stop))]``, and the surrogate is that scalar times the mean of
+    ``s_t`` over the step's decisions, so the update moves every stop decision the samples made alike, as an end-token
+    bias would, instead of most where the model is most likely to stop. Why: the stop estimator's push concentrates
+    on the most common stopping points (the task data's own ends), which the task loss then pays for (README).
     """
 
     kind = "constraint"

@@ -120,11 +120,19 @@ class L3MTrainer(Trainer):
             args.ddp_broadcast_buffers = False
         self.constraints: list[Constraint] = list(constraints or [])
         self.eos_token_ids = eos_token_ids(model, tok)
-        self._stop_gradient = [getattr(c, "gradient", "sequence") == "stop" for c in self.constraints]
-        if any(self._stop_gradient) and not self.eos_token_ids:
+        kinds = [getattr(c, "gradient", "sequence") for c in self.constraints]
+        self._stop_gradient = [g == "stop" for g in kinds]
+        self._shift_gradient = [g == "shift" for g in kinds]
+        if (any(self._stop_gradient) or any(self._shift_gradient)) and not self.eos_token_ids:
+            g = "stop" if any(self._stop_gradient) else "shift"
             raise L3MUserError(
-                "a constraint has 'gradient: stop', which needs the model's end-of-response token, and neither the "
+                f"a constraint has 'gradient: {g}', which needs the model's end-of-response token, and neither the "
                 "tokenizer nor the generation config names one (set generation_config.eos_token_id)"
+            )
+        if any(self._shift_gradient) and args.loss_chunks > 1:
+            raise L3MUserError(
+                "a constraint has 'gradient: shift', whose surrogate is a product of two means over the whole "
+                "micro-batch and cannot be split into chunks: set training.loss_chunks to 1"
             )
 
         train_examples = self._as_examples(train_dataset, need_response=True)
@@ -432,7 +440,8 @@ class L3MTrainer(Trainer):
                 base = torch.zeros_like(c, dtype=torch.float64)
             terms = (c.double() - base) * lam.unsqueeze(0)  # lambda_i (c_i - b_i), per sample and constraint
             stop = torch.tensor(self._stop_gradient, dtype=torch.bool)
-            weights = terms[:, ~stop].sum(1)  # these multiply the sequence log-probability
+            shift = torch.tensor(self._shift_gradient, dtype=torch.bool)
+            weights = terms[:, ~(stop | shift)].sum(1)  # these multiply the sequence log-probability
             seqs = [p + comp for p, comp in zip(prompt_rep, sb.completion_ids)]
             masks = [[0] * len(p) + [1] * len(comp) for p, comp in zip(prompt_rep, sb.completion_ids)]
             batch["sample_input_ids"] = pad(seqs, tok.pad_token_id)
@@ -441,6 +450,8 @@ class L3MTrainer(Trainer):
             batch["sample_weights"] = weights.float()
             if stop.any():  # constraints with gradient "stop": their weights multiply the stop decisions' log-prob
                 batch["sample_stop_weights"] = terms[:, stop].sum(1).float()
+            if shift.any():  # gradient "shift": their weights estimate dC/d(a uniform shift of the stop log-odds)
+                batch["sample_shift_weights"] = terms[:, shift].sum(1).float()
             # the same samples as (prompt, completion): the loss's forward pass encodes each prompt once
             batch["sample_prompt_ids"], batch["sample_prompt_mask"] = sb_prompts[id(batch)]
             batch["sample_completion_ids"] = pad(sb.completion_ids, tok.pad_token_id)
@@ -593,7 +604,7 @@ class L3MTrainer(Trainer):
         groups = [g for g in (task, samples) if g is not None]
         temps = [1.0] * (task is not None) + [t_s] * (samples is not None)
         stop = None  # constraints with gradient "stop": each row also carries the stop decisions' log-probabilities
-        if has_samples and "sample_stop_weights" in inputs:
+        if has_samples and ("sample_stop_weights" in inputs or "sample_shift_weights" in inputs):
             stop = torch.tensor(self.eos_token_ids, device=self.args.device)
         if self._fixed_forward_calls():  # sharded weights: one forward call, whatever the data
             return self._response_logprobs(model, groups, one_call=True, temps=temps, stop_ids=stop)
@@ -628,9 +639,12 @@ class L3MTrainer(Trainer):
 
         ``temps`` holds each row's temperature T (default 1): a sample's score function is that of the
         distribution it was drawn from, ``softmax(logits / temperature)``.
-        With ``stop_ids`` (the end tokens) the result is ``[rows, positions, 2]``: beside each token's log-probability,
+        With ``stop_ids`` (the end tokens) the result is ``[rows, positions, 5]``: beside each token's log-probability,
         that of the stop-or-go decision it makes, ``log P(stop)`` where the target is an end token and
-        ``log (1 - P(stop))`` elsewhere, with ``P(stop)`` the probability of all end tokens together.
+        ``log (1 - P(stop))`` elsewhere, with ``P(stop)`` the probability of all end tokens together; then the stop
+        log-odds ``s = log P(stop) - log (1 - P(stop))`` and, detached, ``1[the target is an end token] - P(stop)``
+        (the decision's score with respect to ``s``; both for gradient "shift"), and a 1 that marks a real position
+        once the caller has zeroed the padding.
         The rows are taken with ``split`` and the logits are never sliced: the backward of a slice or of an indexed
         chunk fills a zero tensor as large as all the logits, once per slice (about a twentieth of the loss's
         forward and backward on a CPU); ``split`` gives the gradient back with one ``cat``.
@@ -650,7 +664,10 @@ class L3MTrainer(Trainer):
             log_go = torch.where(  # log(1 - exp(x)), accurate on both sides of log 1/2
                 log_stop > -0.6931, torch.log(-torch.expm1(log_stop)), torch.log1p(-torch.exp(log_stop))
             )
-            out.append(torch.stack([tok, torch.where(torch.isin(t, stop_ids), log_stop, log_go)], -1))
+            ends = torch.isin(t, stop_ids)
+            score = ends.float() - log_stop.detach().exp()
+            one = torch.ones_like(score)  # zeroed with the padding by the caller: marks the real decisions
+            out.append(torch.stack([tok, torch.where(ends, log_stop, log_go), log_stop - log_go, score, one], -1))
         return torch.cat(out)
 
     def _can_share_prefix(self, model) -> bool:
@@ -729,7 +746,7 @@ class L3MTrainer(Trainer):
             chunk, start = order[start:end], end
             if width == 0:
                 for i in chunk:
-                    rows[i] = first_logits.new_zeros((1,) if stop_ids is None else (1, 2))
+                    rows[i] = first_logits.new_zeros((1,) if stop_ids is None else (1, 5))
                 continue
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=dev)
             c_mask = torch.zeros_like(ids)
@@ -782,8 +799,8 @@ class L3MTrainer(Trainer):
         rows = self._loss_logprobs(model, inputs, has_task, has_samples)
         n_task = inputs["input_ids"].shape[0] if has_task else 0
         loss = rows[0].new_zeros(())
-        if rows and rows[0].dim() == 2:  # rows carry the stop decisions' log-probabilities too (gradient "stop")
-            stop_rows = [r[:, 1] for r in rows[n_task:]]
+        if rows and rows[0].dim() == 2:  # rows carry the stop decisions too (gradient "stop" or "shift")
+            stop_rows = [r[:, 1:] for r in rows[n_task:]]
             rows = [r[:, 0] for r in rows]
         if has_task:
             n_tok = inputs["response_mask"].sum(1).clamp(min=1).to(loss.dtype)
@@ -795,8 +812,10 @@ class L3MTrainer(Trainer):
             seq_logp = torch.stack([r.sum() for r in rows[n_task:]])  # a sequence log-probability: a sum
             surrogate = (self._sample_weights(inputs, seq_logp).to(loss.dtype) * seq_logp).mean()
             if "sample_stop_weights" in inputs:  # sum_i lambda_i (c_i - b_i) log P(the stop decisions), gradient "stop"
-                stop_logp = torch.stack([r.sum() for r in stop_rows])
+                stop_logp = torch.stack([r[:, 0].sum() for r in stop_rows])
                 surrogate = surrogate + (inputs["sample_stop_weights"].to(loss.dtype) * stop_logp).mean()
+            if "sample_shift_weights" in inputs:  # gradient "shift": dC/d delta, times the mean stop log-odds
+                surrogate = surrogate + self._shift_surrogate(inputs, stop_rows).to(loss.dtype)
             loss = loss + self._share("samples") * surrogate
             self.record_metric("sample/mean_logprob", float(seq_logp.detach().mean()), "samples")
             if has_task and model.training and self.args.log_gradient_parts:
@@ -809,6 +828,31 @@ class L3MTrainer(Trainer):
         if bad:
             raise NonFiniteError(f"the loss is {loss.item()} at step {self.state.global_step}; no optimiser step taken")
         return (loss, None) if return_outputs else loss
+
+    def _shift_surrogate(self, inputs: dict, stop_rows: list[torch.Tensor]) -> torch.Tensor:
+        """Gradient "shift": ``g * mean_t s_t``, where ``s_t`` is the stop log-odds at each of the samples' decisions
+        (every response token: go, or stop at the end token) and ``g = mean_j w_j sum_t (1[d_jt = stop] - P_jt)``
+        with ``w_j = sum_i lambda_i (c_ij - b_ij)``: the score-function estimate of ``sum_i lambda_i dC_i/d delta``
+        for a uniform shift ``delta`` of every ``s_t``. Its gradient moves the decisions' log-odds alike; the mean
+        counts only those with ``P(stop) >= shift_min_stop_prob``, where a shift of a few nats can change the length."""
+        score = torch.stack([r[:, 2].sum() for r in stop_rows]).detach()  # sum_t (1[stop] - P(stop)), per sample
+        g = (inputs["sample_shift_weights"].to(score.dtype) * score).mean()
+        # the push counts the decisions where stopping is plausible (shift_min_stop_prob)
+        floor = (
+            math.log(self.args.shift_min_stop_prob / (1 - self.args.shift_min_stop_prob))
+            if (self.args.shift_min_stop_prob > 0)
+            else -math.inf
+        )
+        total, n, n_all = stop_rows[0].new_zeros(()), 0, 0
+        for r in stop_rows:
+            real = r[:, 3] > 0
+            keep = real & (r[:, 1].detach() >= floor)
+            total, n, n_all = total + r[keep, 1].sum(), n + int(keep.sum()), n_all + int(real.sum())
+        mean_logodds = total / max(n, 1)
+        self.record_metric("sample/shift_decisions", n / max(n_all, 1), "samples")
+        self.record_metric("sample/shift_dC_ddelta", float(g), "samples")
+        self.record_metric("sample/mean_stop_logodds", float(mean_logodds.detach()), "samples")
+        return g * mean_logodds
 
     def _log_gradient_parts(self, model, task_nll: torch.Tensor, surrogate: torch.Tensor) -> None:
         """The diagnostic ``log_gradient_parts``: the task gradient g_T and the constraints' g_C = sum_i lambda_i
@@ -844,6 +888,7 @@ class L3MTrainer(Trainer):
         "sample_mask",
         "sample_weights",
         "sample_stop_weights",
+        "sample_shift_weights",
         "sample_completion_ids",
         "sample_completion_mask",
         "sample_ref_logp",
@@ -1091,7 +1136,7 @@ class L3MTrainer(Trainer):
 
 
 def _per_position(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A ``[rows, positions]`` mask shaped to multiply ``like`` (which may carry a last dimension of 2)."""
+    """A ``[rows, positions]`` mask shaped to multiply ``like`` (or its stop channels)."""
     return mask.unsqueeze(-1) if like.dim() == 3 else mask
 
 
