@@ -266,6 +266,22 @@ def test_loss_chunks_train_end_to_end_and_bad_values_are_refused(tmp_path, tiny_
     assert all(math.isfinite(h.get("loss", 0.0)) for h in trainer.state.log_history)
 
 
+def assert_trainer_loss_matches(trainer, batch, model, surrogate) -> None:
+    """The trainer's loss and gradient on ``batch`` equal ``surrogate``'s (computed directly, not yet
+    back-propagated), on the prompt-sharing path and on the plain one (every sequence whole)."""
+    surrogate.backward()
+    want_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    loss_a, grads_a = loss_and_grads(trainer, batch)
+    assert torch.allclose(loss_a, surrogate.detach(), atol=1e-5)
+    assert float((grads_a - want_grads).norm() / want_grads.norm()) < 1e-4
+    trainer._prefix_sharing_failed = True
+    loss_b, grads_b = loss_and_grads(trainer, batch)
+    trainer._prefix_sharing_failed = False
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4
+
+
 def test_stop_gradient_surrogate_is_the_stop_decisions_log_probability(tmp_path, talking_model, counting_rows):
     """``gradient: stop``: the surrogate multiplies each sample's weight by the log-probability of its stop-or-go
     decisions (``log P(end token)`` at its end, ``log (1 - P(end token))`` before), computed here from a plain
@@ -292,16 +308,7 @@ def test_stop_gradient_surrogate_is_the_stop_decisions_log_probability(tmp_path,
         assert int(ends.sum()) <= 1 and (not ends.any() or bool(ends[-1]))
         want.append(torch.where(ends, p_stop.log(), torch.log1p(-p_stop)).sum())
     surrogate = (w * torch.stack(want)).mean()
-    surrogate.backward()
-    want_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    model.zero_grad()
-    loss_a, grads_a = loss_and_grads(trainer, batch)
-    assert torch.allclose(loss_a, surrogate.detach(), atol=1e-5)
-    assert float((grads_a - want_grads).norm() / want_grads.norm()) < 1e-4
-    trainer._prefix_sharing_failed = True  # the plain path: every sequence whole
-    loss_b, grads_b = loss_and_grads(trainer, batch)
-    assert torch.allclose(loss_a, loss_b, atol=1e-5)
-    assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4
+    assert_trainer_loss_matches(trainer, batch, model, surrogate)
 
 
 @pytest.mark.parametrize("min_p", [0.0, 0.02])
@@ -351,16 +358,7 @@ def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(tmp_path, talk
     assert 0 < n <= n_all and (n == n_all) == (min_p == 0), (n, n_all)  # the floor leaves some decisions out
     g = (w * torch.stack(scores)).mean()
     surrogate = g * torch.stack(logodds).sum() / n
-    surrogate.backward()
-    want_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    model.zero_grad()
-    loss_a, grads_a = loss_and_grads(trainer, batch)
-    assert torch.allclose(loss_a, surrogate.detach(), atol=1e-5)
-    assert float((grads_a - want_grads).norm() / want_grads.norm()) < 1e-4
-    trainer._prefix_sharing_failed = True
-    loss_b, grads_b = loss_and_grads(trainer, batch)
-    assert torch.allclose(loss_a, loss_b, atol=1e-5)
-    assert float((grads_a - grads_b).norm() / grads_a.norm()) < 1e-4
+    assert_trainer_loss_matches(trainer, batch, model, surrogate)
     with pytest.raises(L3MUserError, match="loss_chunks"):
         L3MTrainer(
             str(talking_model),
