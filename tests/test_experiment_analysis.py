@@ -183,3 +183,28 @@ def test_stop_shift_log_odds_and_a_uniform_bias():
     uneven[1][-1] -= d
     r = shift_summary(base, uneven)
     assert r["end_shift"] == pytest.approx(-d) and r["end_stop_nll"] > r["end_stop_nll_uniform_shift"]
+
+
+def test_tied_end_token_restores_only_the_input_rows_of_the_end_tokens(tmp_path):
+    """Untying keeps every output logit as trained; only the end token's input row goes back, so a text without
+    that token scores exactly as before, and one with it does not."""
+    import helpers
+    from tied_end_token import restore_input_rows, row_change
+
+    from l3m.models import load_causal_lm
+
+    model = load_causal_lm(str(helpers.make_tiny_llama(tmp_path / "m")))
+    w0 = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():  # "training" moved rows 2 (the end token) and 5
+        model.get_input_embeddings().weight[[2, 5]] += 0.5
+    change = row_change(model.get_input_embeddings().weight.detach(), w0)
+    assert change[3] == 0 and change[2] > 0 and change[5] > 0
+    w_trained = model.get_output_embeddings().weight.detach().clone()
+    without_end, with_end = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[3, 2, 5, 6]])
+    before = [model(input_ids=x).logits for x in (without_end, with_end)]
+    restore_input_rows(model, w0, [2])
+    assert torch.equal(model.get_output_embeddings().weight, w_trained)
+    assert torch.equal(model.get_input_embeddings().weight[2], w0[2])
+    assert torch.equal(model.get_input_embeddings().weight[5], w_trained[5])
+    assert torch.allclose(model(input_ids=without_end).logits, before[0])
+    assert not torch.allclose(model(input_ids=with_end).logits[:, 1:], before[1][:, 1:])

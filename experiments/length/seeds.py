@@ -37,6 +37,9 @@ SEED_RUNS = {
     "results_shift_floor": 0,
     "results_shift_floor_seed1_medium": 1,
     "results_shift_floor_seed2_medium": 2,
+    "results_shift_f1e-3": 0,
+    "results_shift_f1e-3_seed1_medium": 1,
+    "results_shift_f1e-3_seed2_medium": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient); the rest:
 # "sequence", the method's. Each estimator is summarised on its own.
@@ -54,6 +57,9 @@ GRADIENT_OF = {
     "results_shift_floor": "shift",
     "results_shift_floor_seed1_medium": "shift",
     "results_shift_floor_seed2_medium": "shift",
+    "results_shift_f1e-3": "shift, floor 1e-3",
+    "results_shift_f1e-3_seed1_medium": "shift, floor 1e-3",
+    "results_shift_f1e-3_seed2_medium": "shift, floor 1e-3",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
@@ -63,6 +69,8 @@ COMPARE = [
     ("l3m_medium (gradient: stop; 16 prompts per step)", "l3m_medium (gradient: stop)"),
     ("l3m_medium (gradient: shift)", "l3m_medium (gradient: stop)"),
     ("l3m_medium (gradient: shift)", "l3m_medium"),
+    ("l3m_medium (gradient: shift, floor 1e-3)", "l3m_medium (gradient: shift)"),
+    ("l3m_medium (gradient: shift, floor 1e-3)", "l3m_medium"),
 ]
 
 
