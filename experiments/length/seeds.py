@@ -71,6 +71,10 @@ COMPARE = [
     ("l3m_medium (gradient: shift)", "l3m_medium"),
     ("l3m_medium (gradient: shift, floor 1e-3)", "l3m_medium (gradient: shift)"),
     ("l3m_medium (gradient: shift, floor 1e-3)", "l3m_medium"),
+    ("l3m_short (gradient: shift)", "l3m_short"),
+    ("l3m_short (gradient: shift)", "l3m_short (gradient: stop)"),
+    ("l3m_long (gradient: shift)", "l3m_long"),
+    ("l3m_long (gradient: shift)", "l3m_long (gradient: stop)"),
 ]
 
 
