@@ -194,6 +194,12 @@ def test_length_experiment_gradient_option_sets_every_length_constraint():
             cons = build_constraints(cfgs[name]["constraints"])
             assert [c.gradient for c in cons] == [gradient, gradient]
     assert "gradient" not in exp.model_configs()["l3m_short"]["constraints"][0]  # the default configs are unchanged
+    # --gradient-min: the lower bound alone gets its own estimator, under the same constraint names
+    cons = build_constraints(exp.model_configs("sequence", "shift")["l3m_medium"]["constraints"])
+    assert [(c.name, c.gradient) for c in cons] == [("length_min", "shift"), ("length_max", "sequence")]
+    default = build_constraints(exp.model_configs()["l3m_medium"]["constraints"])
+    assert [c.name for c in cons] == [c.name for c in default]
+    assert exp.model_configs("stop", "stop") == exp.model_configs("stop")
 
 
 def test_eos_bias_yardstick_lowers_only_the_end_logits_and_lengthens(talking_model):

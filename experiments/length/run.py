@@ -80,14 +80,21 @@ EVAL = {"k": 2, "n_prompts": 150, "max_new_tokens": 64, "temperature": 0.8, "bat
 SCALE = 10.0  # c = (l_min - len) / 10 and (len - l_max) / 10: C in units of 10 tokens, as in the demo config
 
 
-def model_configs(gradient: str = "sequence") -> dict[str, dict]:
-    """Every model's config; ``gradient`` is the length constraints' gradient estimator (see ``--gradient``)."""
+def model_configs(gradient: str = "sequence", gradient_min: str | None = None) -> dict[str, dict]:
+    """Every model's config; ``gradient`` is the length constraints' gradient estimator (see ``--gradient``), and
+    ``gradient_min``, where given and different, that of each range's lower bound alone (``--gradient-min``)."""
     out = {"sft": {**BASE_CONFIG, "constraints": None}}
     for name, (lo, hi) in RANGES.items():
-        con = {"kind": "length", "min": lo, "max": hi, "name": "length", "scale": SCALE}
-        if gradient != "sequence":
-            con["gradient"] = gradient
-        out[f"l3m_{name}"] = {**BASE_CONFIG, "constraints": [con]}
+        if gradient_min in (None, gradient):
+            cons = [{"kind": "length", "min": lo, "max": hi, "name": "length", "scale": SCALE}]
+            if gradient != "sequence":
+                cons[0]["gradient"] = gradient
+        else:  # one entry per bound, named as the two-bound entry names its constraints
+            cons = [
+                {"kind": "length", "min": lo, "name": "length_min", "scale": SCALE, "gradient": gradient_min},
+                {"kind": "length", "max": hi, "name": "length_max", "scale": SCALE, "gradient": gradient},
+            ]
+        out[f"l3m_{name}"] = {**BASE_CONFIG, "constraints": cons}
     return out
 
 
@@ -146,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the length constraints' gradient estimator: the score function of the whole response (sequence, "
         "the method's), of its stop decisions only (stop), or that projected on a uniform shift of the stop "
         "log-odds (shift); see the README",
+    )
+    p.add_argument(
+        "--gradient-min",
+        choices=["sequence", "stop", "shift"],
+        default=None,
+        help="the estimator of each range's lower bound alone (default: --gradient's), e.g. --gradient-min shift: "
+        "shift lengthens cheaply, while shortening needs other text (see the README)",
     )
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
     p.add_argument("--report-only", action="store_true", help="redo the report from the saved results")
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = previous.get("timings", {})
     cons = all_constraints()
     n_eval = 8 if ns.smoke else EVAL["n_prompts"]
-    for name, cfg in model_configs(ns.gradient).items():
+    for name, cfg in model_configs(ns.gradient, ns.gradient_min).items():
         if ns.only and name not in ns.only:
             continue
         cfg = json.loads(json.dumps(cfg))
@@ -352,6 +366,8 @@ def run_in_parallel(ns: argparse.Namespace, models: list[str], threads: int) -> 
     parts.mkdir(parents=True)
     # the child processes get every option of this one but the models, the results folder and the process layout
     rest = (["--smoke"] if ns.smoke else []) + ["--gradient", ns.gradient]
+    if ns.gradient_min:
+        rest += ["--gradient-min", ns.gradient_min]
     for flag, value in (
         ("--runs", ns.runs),
         ("--steps", ns.steps),
