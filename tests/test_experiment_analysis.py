@@ -116,6 +116,25 @@ def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path
     (v,) = out["variants"]
     assert v["seed"] == 0 and v["paired_difference"] == pytest.approx(-0.05 + 0.1 / 3)  # 1.0, 1.1, 1.0 - 1.05
     assert f"| {label} | l3m_short (gradient: stop) | 0 |" in seeds.markdown(out)
+    # a folder whose models used different estimators, and a model repeated in a second folder: counted once
+    (tmp_path / "results_mixed").mkdir()
+    mixed = [ev("l3m_short", [1.0, 1.0, 1.1], 9.5), {**ev("l3m_medium", [1.2, 1.2, 1.2], 22.0), "range": [20, 30]}]
+    (tmp_path / "results_mixed" / "results.json").write_text(json.dumps({"evaluations": mixed}))
+    (tmp_path / "results_again").mkdir()
+    again = {**ev("l3m_medium", [1.2, 1.2, 1.5], 23.0), "range": [20, 30]}
+    (tmp_path / "results_again" / "results.json").write_text(json.dumps({"evaluations": [again]}))
+    monkeypatch.setitem(seeds.SEED_RUNS, "results_mixed", 0)
+    monkeypatch.setitem(seeds.SEED_RUNS, "results_again", 0)
+    monkeypatch.setitem(seeds.GRADIENT_OF, "results_mixed", {"l3m_medium": "shift"})
+    monkeypatch.setitem(seeds.GRADIENT_OF, "results_again", "shift")
+    out = seeds.collect(tmp_path)
+    shift = [r for r in out["runs"] if r["label"] == "l3m_medium (gradient: shift)"]
+    assert len(shift) == 1 and shift[0]["folder"] == "results_mixed"
+    (rep,) = shift[0]["repeats"]
+    assert rep["folder"] == "results_again" and rep["paired_difference"] == pytest.approx(0.1)
+    assert out["summary"]["l3m_medium (gradient: shift)"]["seeds"] == [0]
+    assert [r["folder"] for r in out["runs"] if r["label"] == "l3m_short" and r["seed"] == 0] == ["results"]
+    assert "| results_again/ | 0 | +0.1000" in seeds.markdown(out)
 
 
 def test_gradient_noise_moments_recover_a_known_signal_and_noise():

@@ -193,7 +193,11 @@ def test_length_experiment_gradient_option_sets_every_length_constraint():
         for name in ("l3m_short", "l3m_medium", "l3m_long"):
             cons = build_constraints(cfgs[name]["constraints"])
             assert [c.gradient for c in cons] == [gradient, gradient]
-    assert "gradient" not in exp.model_configs()["l3m_short"]["constraints"][0]  # the default configs are unchanged
+    # by default each range takes its own estimator: shift where it lengthens (medium, long), sequence for short
+    default = exp.model_configs()
+    assert "gradient" not in default["l3m_short"]["constraints"][0]
+    for name in ("l3m_medium", "l3m_long"):
+        assert [c.gradient for c in build_constraints(default[name]["constraints"])] == ["shift", "shift"]
     # --gradient-min: the lower bound alone gets its own estimator, under the same constraint names
     cons = build_constraints(exp.model_configs("sequence", "shift")["l3m_medium"]["constraints"])
     assert [(c.name, c.gradient) for c in cons] == [("length_min", "shift"), ("length_max", "sequence")]

@@ -37,6 +37,11 @@ DATA = REPO.parent / "shared" / "data" / "sft" / "instruction_data_short.json"
 # 4 prompts x 4 samples had a standard deviation of several tokens (measured per model: `step_noise` in
 # results.json), and a range narrower than that noise flips in and out of feasibility from step to step.
 RANGES = {"short": (3, 10), "medium": (20, 30), "long": (35, 50)}
+# Each range's length gradient estimator (ours; see the README, "Which estimator for which range"): `shift` where
+# the range lies above the length the model has on its own (medium, long: lengthening, which moving the stop
+# decision does cheaply), the method's `sequence` where it lies below (short: a shorter answer needs other text).
+# Until stop 22 every range used `sequence` (results_sequence/); `--gradient X` sets one estimator for all.
+GRADIENTS = {"short": "sequence", "medium": "shift", "long": "shift"}
 
 BASE_CONFIG = {
     "model": "default",
@@ -80,19 +85,21 @@ EVAL = {"k": 2, "n_prompts": 150, "max_new_tokens": 64, "temperature": 0.8, "bat
 SCALE = 10.0  # c = (l_min - len) / 10 and (len - l_max) / 10: C in units of 10 tokens, as in the demo config
 
 
-def model_configs(gradient: str = "sequence", gradient_min: str | None = None) -> dict[str, dict]:
-    """Every model's config; ``gradient`` is the length constraints' gradient estimator (see ``--gradient``), and
-    ``gradient_min``, where given and different, that of each range's lower bound alone (``--gradient-min``)."""
+def model_configs(gradient: str | None = None, gradient_min: str | None = None) -> dict[str, dict]:
+    """Every model's config. ``gradient`` is the estimator of every range's length constraints (see
+    ``--gradient``; default: each range's own, ``GRADIENTS``), and ``gradient_min``, where given and different,
+    that of each range's lower bound alone (``--gradient-min``)."""
     out = {"sft": {**BASE_CONFIG, "constraints": None}}
     for name, (lo, hi) in RANGES.items():
-        if gradient_min in (None, gradient):
+        est = gradient or GRADIENTS[name]
+        if gradient_min in (None, est):
             cons = [{"kind": "length", "min": lo, "max": hi, "name": "length", "scale": SCALE}]
-            if gradient != "sequence":
-                cons[0]["gradient"] = gradient
+            if est != "sequence":
+                cons[0]["gradient"] = est
         else:  # one entry per bound, named as the two-bound entry names its constraints
             cons = [
                 {"kind": "length", "min": lo, "name": "length_min", "scale": SCALE, "gradient": gradient_min},
-                {"kind": "length", "max": hi, "name": "length_max", "scale": SCALE, "gradient": gradient},
+                {"kind": "length", "max": hi, "name": "length_max", "scale": SCALE, "gradient": est},
             ]
         out[f"l3m_{name}"] = {**BASE_CONFIG, "constraints": cons}
     return out
@@ -149,16 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--gradient",
         choices=["sequence", "stop", "shift"],
-        default="sequence",
-        help="the length constraints' gradient estimator: the score function of the whole response (sequence, "
-        "the method's), of its stop decisions only (stop), or that projected on a uniform shift of the stop "
-        "log-odds (shift); see the README",
+        default=None,
+        help="one gradient estimator for every range's length constraints: the score function of the whole "
+        "response (sequence, the method's), of its stop decisions only (stop), or that projected on a uniform "
+        "shift of the stop log-odds (shift). Default: each range's own (shift for medium and long, which lie above "
+        "the model's length; sequence for short); see the README",
     )
     p.add_argument(
         "--gradient-min",
         choices=["sequence", "stop", "shift"],
         default=None,
-        help="the estimator of each range's lower bound alone (default: --gradient's), e.g. --gradient-min shift: "
+        help="the estimator of each range's lower bound alone (default: the range's own), e.g. --gradient-min shift: "
         "shift lengthens cheaply, while shortening needs other text (see the README)",
     )
     p.add_argument("--only", nargs="*", help="train/evaluate only these models (e.g. sft l3m_short)")
@@ -365,7 +373,7 @@ def run_in_parallel(ns: argparse.Namespace, models: list[str], threads: int) -> 
         shutil.rmtree(parts)
     parts.mkdir(parents=True)
     # the child processes get every option of this one but the models, the results folder and the process layout
-    rest = (["--smoke"] if ns.smoke else []) + ["--gradient", ns.gradient]
+    rest = (["--smoke"] if ns.smoke else []) + (["--gradient", ns.gradient] if ns.gradient else [])
     if ns.gradient_min:
         rest += ["--gradient-min", ns.gradient_min]
     for flag, value in (

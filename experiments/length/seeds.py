@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
 SEED_RUNS = {
     "results": 0,
+    "results_sequence": 0,  # the committed run until stop 22: every range with the sequence estimator
     "results_seed1_short": 1,
     "results_seed1_medium": 1,
     "results_seed2": 2,
@@ -40,10 +41,14 @@ SEED_RUNS = {
     "results_shift_f1e-3": 0,
     "results_shift_f1e-3_seed1_medium": 1,
     "results_shift_f1e-3_seed2_medium": 2,
+    "results_gm_shift": 0,
 }
-# folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient); the rest:
-# "sequence", the method's. Each estimator is summarised on its own.
-GRADIENT_OF = {
+# folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
+# folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
+GRADIENT_OF: dict[str, str | dict[str, str]] = {
+    # the committed run since stop 22: each range its own estimator (run.py's GRADIENTS)
+    "results": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_gm_shift": "shift (l_min) + sequence (l_max)",
     "results_stop_gradient": "stop",
     "results_stop_seed1_medium": "stop",
     "results_stop_seed2_medium": "stop",
@@ -75,6 +80,8 @@ COMPARE = [
     ("l3m_short (gradient: shift)", "l3m_short (gradient: stop)"),
     ("l3m_long (gradient: shift)", "l3m_long"),
     ("l3m_long (gradient: shift)", "l3m_long (gradient: stop)"),
+    ("l3m_medium (gradient: shift (l_min) + sequence (l_max))", "l3m_medium (gradient: shift)"),
+    ("l3m_long (gradient: shift (l_min) + sequence (l_max))", "l3m_long (gradient: shift)"),
 ]
 
 
@@ -106,6 +113,8 @@ def collect(root: Path = HERE) -> dict:
             d, se = _paired(e["task_logppl"]["per_example"], sft["per_example"])
             verdicts = [c["verdict"] for c in e["constraints"] if c["name"].startswith(name.split("_", 1)[1] + "_")]
             gradient = GRADIENT_OF.get(folder, "sequence")
+            if isinstance(gradient, dict):
+                gradient = gradient.get(name, "sequence")
             prompts = PROMPTS_OF.get(folder, 8)
             notes = ([f"gradient: {gradient}"] if gradient != "sequence" else []) + (
                 [f"{prompts} prompts per step"] if prompts != 8 else []
@@ -129,6 +138,15 @@ def collect(root: Path = HERE) -> dict:
                     "_per_example": e["task_logppl"]["per_example"],
                 }
             )
+    # the same model, seed and settings in two folders (a committed run and the runs it was assembled from): the
+    # first folder of SEED_RUNS counts, the others are kept as repeats with their paired difference from it
+    kept: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        first = kept.setdefault((r["label"], r["seed"]), r)
+        if first is not r:
+            d, se = _paired(r["_per_example"], first["_per_example"])
+            first.setdefault("repeats", []).append({"folder": r["folder"], "paired_difference": d, "se": se})
+    rows = list(kept.values())
     summary = {}
     for label in dict.fromkeys(
         r["label"] for r in sorted(rows, key=lambda r: (r["gradient"] != "sequence", r["prompts_per_step"]))
@@ -189,6 +207,15 @@ def markdown(out: dict) -> str:
         for v in out["variants"]:
             lines.append(
                 f"| {v['label']} | {v['against']} | {v['seed']} | {v['paired_difference']:+.3f} ± {v['se']:.3f} |"
+            )
+    repeats = [(r, x) for r in out["runs"] for x in r.get("repeats", [])]
+    if repeats:
+        lines += ["", "| model, counted from | repeated in | seed | paired difference in log-ppl (± s.e.) |"]
+        lines.append("|---|---|---|---|")
+        for r, x in repeats:
+            lines.append(
+                f"| {r['label']}, {r['folder']}/ | {x['folder']}/ | {r['seed']} | "
+                f"{x['paired_difference']:+.4f} ± {x['se']:.4f} |"
             )
     return "\n".join(lines) + "\n"
 
