@@ -6,7 +6,14 @@ import yaml
 from l3m.cli import main
 from l3m.errors import L3MUserError
 from l3m.evaluation import length_stats
-from l3m.report import averaged_steps, load_evaluations, make_report, moving_average, read_metrics
+from l3m.report import (
+    against_first,
+    averaged_steps,
+    load_evaluations,
+    make_report,
+    moving_average,
+    read_metrics,
+)
 
 
 def _is_png(path):
@@ -84,6 +91,24 @@ def test_report_cli_writes_pngs_and_markdown(tiny_run, tmp_path, capsys):
     assert md.count("*Figure") == 3  # a caption for each figure
     assert "| sft |" in md and "| l3m |" in md and "1.050 ± 0.250" in md
     assert "report written to" in capsys.readouterr().out
+
+
+def test_report_compares_each_model_with_the_first_reference_by_reference(tmp_path):
+    sft = _fake_eval("sft", [10, 12] * 5, ppl=(1.0, 0.5))
+    l3m = _fake_eval("l3m", [20, 22] * 5, [20, 30], (1.1, 0.5))
+    sft["task_logppl"]["per_example"] = [0.5, 1.5, 1.0, 1.0]
+    l3m["task_logppl"]["per_example"] = [0.6, 1.7, 1.0, 1.1]  # differences 0.1, 0.2, 0, 0.1
+    other = _fake_eval("other", [5, 6] * 5, ppl=(0.9, 0.5))  # no per-example scores: a ratio, no paired difference
+    rows = against_first([sft, l3m, other])
+    assert [r["model"] for r in rows] == ["l3m", "other"] and all(r["against"] == "sft" for r in rows)
+    assert rows[0]["ratio"] == pytest.approx(1.1) and rows[0]["paired_diff"] == pytest.approx(0.1)
+    assert rows[0]["paired_se"] == pytest.approx((0.02 / 3 / 4) ** 0.5)  # sample variance 0.02/3, over n = 4
+    assert rows[1]["ratio"] == pytest.approx(0.9) and "paired_diff" not in rows[1]
+    assert against_first([sft]) == []
+    md = make_report([], [sft, l3m, other], tmp_path).read_text()
+    assert "| l3m | 1.100 (+10.0%) | +0.100 ± 0.041 |" in md and "| other | 0.900 (-10.0%) | — |" in md
+    assert "change against the first model" in md
+    assert _is_png(tmp_path / "lengths_perplexity.png")
 
 
 def test_report_without_evaluations_still_plots_training_and_barrier(tiny_run, tmp_path):

@@ -4,7 +4,8 @@
   mean sampled length) over the optimiser steps;
 * the relaxed log-barrier for several mu (the paper's Figure 1);
 * per evaluated model, a box plot of its held-out response lengths with the [min, max] range it was
-  constrained to, and its task log-perplexity (mean ± std) beside its mean length (the paper's Figure 2).
+  constrained to, and its task log-perplexity (mean ± std) beside its mean length (the paper's Figure 2),
+  each against the first model given (the baseline: put the SFT model first), as a ratio and a paired difference.
 
 Every figure has a title, axis labels with units and a legend, and a caption line in the Markdown.
 """
@@ -220,6 +221,48 @@ def _length_range(ev: dict) -> tuple[float | None, float | None] | None:
     return (lo, hi) if lo is not None or hi is not None else None
 
 
+def against_first(evals: Sequence[dict]) -> list[dict]:
+    """Each model's task log-perplexity against the first model's (the baseline, e.g. SFT; put it first).
+
+    The std over examples (the error bars) is several times any difference between models, so what a reader
+    needs is the difference itself: the ratio of the means and, where both models scored the same references
+    (``per_example`` of equal length), the mean paired difference with its standard error.
+    """
+    if len(evals) < 2 or not evals[0].get("task_logppl"):
+        return []
+    ref = evals[0]["task_logppl"]
+    rows = []
+    for e in evals[1:]:
+        t = e.get("task_logppl")
+        if not t or not ref["mean"]:
+            continue
+        row = {"model": e["model"], "against": evals[0]["model"], "ratio": t["mean"] / ref["mean"]}
+        a, b = t.get("per_example") or [], ref.get("per_example") or []
+        if len(a) == len(b) >= 2:
+            d = [x - y for x, y in zip(a, b)]
+            mean = sum(d) / len(d)
+            var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+            row.update(paired_diff=mean, paired_se=math.sqrt(var / len(d)))
+        rows.append(row)
+    return rows
+
+
+def against_first_table(evals: Sequence[dict]) -> str:
+    """The Markdown table of ``against_first`` ('' when there is nothing to compare)."""
+    rows = against_first(evals)
+    if not rows:
+        return ""
+    ref = rows[0]["against"]
+    out = [
+        f"| model | log-ppl / {ref}'s | minus {ref}'s, paired per reference (± s.e., nats per token) |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        paired = f"{r['paired_diff']:+.3f} ± {r['paired_se']:.3f}" if "paired_diff" in r else "—"
+        out.append(f"| {r['model']} | {r['ratio']:.3f} ({r['ratio'] - 1:+.1%}) | {paired} |")
+    return "\n".join(out)
+
+
 def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) -> Path:
     """The paper's Figure 2: response-length box plots with the constraint range, and task log-ppl."""
     evals = [e for e in evals if (e.get("lengths") or {}).get("values")]
@@ -287,9 +330,13 @@ def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) 
         color="navy",
         label="mean ± std over held-out examples",
     )
+    rel = {r["model"]: r["ratio"] for r in against_first(evals)}
+    if rel and math.isfinite(ppl[0][0]):
+        ax2.axhline(ppl[0][0], color="grey", ls=":", lw=1, label=f"{names[0]}'s mean (the % are against it)")
     for p, (m, _s), e in zip(pos, ppl, evals):
         if math.isfinite(m):
-            ax2.annotate(f"{m:.3f}\n(len {e['lengths']['mean']:.0f})", (p + 0.12, m), fontsize=8, va="center")
+            vs = f" ({rel[e['model']] - 1:+.0%})" if e["model"] in rel else ""
+            ax2.annotate(f"{m:.3f}{vs}\n(len {e['lengths']['mean']:.0f})", (p + 0.12, m), fontsize=8, va="center")
     ax2.set_xticks(pos, names, rotation=15)
     ax2.set_xlim(0.5, len(pos) + 0.7)
     n_ppl = next((e["task_logppl"]["n"] for e in evals if e.get("task_logppl")), "?")
@@ -396,12 +443,27 @@ def make_report(
             "model (box: quartiles, black line: median, whiskers: minimum and maximum, red diamond and number: "
             "mean); green bars mark the range [l_min, l_max] each L3M was trained to keep its mean length in "
             "(the SFT model has none). Right, the task log-perplexity of the held-out reference responses "
-            "(mean ± std over examples): the cost of the constraint in task performance.*",
+            "(mean ± std over examples): the cost of the constraint in task performance"
+            + (
+                "; the percentage beside each model is its change against the first model, whose mean the dotted "
+                "line marks.*"
+                if against_first(evals)
+                else ".*"
+            ),
             "",
             "## Numbers",
             "",
             markdown_table(evals),
         ]
+        vs = against_first_table(evals)
+        if vs:
+            md += [
+                "",
+                f"Task log-perplexity against the first model, `{evals[0]['model']}` (the paired difference is "
+                "taken reference by reference, so it is far more precise than the std above suggests):",
+                "",
+                vs,
+            ]
         notes = [f"- {e['model']}: {w}" for e in evals for w in e.get("warnings") or []]
         if notes:
             md += ["", "Warnings:", "", *notes]
