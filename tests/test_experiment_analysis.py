@@ -135,6 +135,18 @@ def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path
     assert out["summary"]["l3m_medium (gradient: shift)"]["seeds"] == [0]
     assert [r["folder"] for r in out["runs"] if r["label"] == "l3m_short" and r["seed"] == 0] == ["results"]
     assert "| results_again/ | 0 | +0.1000" in seeds.markdown(out)
+    # other optimiser settings for SFT and L3M alike: the L3M against its own folder's SFT model, not the seed's
+    (tmp_path / "results_beta").mkdir()
+    beta = [ev("sft", [0.5, 0.5, 0.5], 12.0), ev("l3m_short", [0.6, 0.6, 0.6], 9.0)]
+    (tmp_path / "results_beta" / "results.json").write_text(json.dumps({"evaluations": beta}))
+    monkeypatch.setitem(seeds.SEED_RUNS, "results_beta", 0)
+    monkeypatch.setattr(seeds, "SETTINGS_OF", {"results_beta": "adam_beta1 0.5"})
+    out = seeds.collect(tmp_path)
+    (b,) = [r for r in out["runs"] if r["folder"] == "results_beta"]
+    assert b["label"] == "l3m_short (adam_beta1 0.5)" and b["sft_logppl"] == pytest.approx(0.5)
+    assert b["ratio_to_sft"] == pytest.approx(1.2) and b["paired_minus_sft"] == pytest.approx(0.1)
+    # ... and its SFT model is not the seed's SFT model for the other folders
+    assert [r["sft_logppl"] for r in out["runs"] if r["folder"] == "results"] == [pytest.approx(1.0)]
 
 
 def test_gradient_noise_moments_recover_a_known_signal_and_noise():

@@ -7,7 +7,8 @@ same seed, on the same held-out split and evaluation prompts, and reports per se
     .venv/bin/python experiments/length/seeds.py            # prints the table, writes results/seeds.{json,md}
 
 The folders and their seeds are listed in SEED_RUNS (each made by ``run.py --seed S --only ...``; see the README).
-A folder without an SFT model is compared with the SFT model of another folder with the same seed.
+A folder without an SFT model is compared with the SFT model of another folder with the same seed; a folder
+trained with other optimiser settings (SETTINGS_OF) with the SFT model in it, trained with the same settings.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ SEED_RUNS = {
     "results_shift_f1e-3_seed1_medium": 1,
     "results_shift_f1e-3_seed2_medium": 2,
     "results_gm_shift": 0,
+    "results_seed3": 3,  # SFT and short of seed 3 (stop 23; its medium run was stopped for the runs below)
+    "results_beta1_0.5": 0,
+    "results_beta1_0.5_seed1": 1,
+    "results_beta1_0.5_seed2": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
@@ -65,6 +70,16 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_shift_f1e-3": "shift, floor 1e-3",
     "results_shift_f1e-3_seed1_medium": "shift, floor 1e-3",
     "results_shift_f1e-3_seed2_medium": "shift, floor 1e-3",
+    "results_beta1_0.5": "shift",
+    "results_beta1_0.5_seed1": "shift",
+    "results_beta1_0.5_seed2": "shift",
+}
+# folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
+# L3M there is compared with the SFT model of its own folder, trained with the same settings
+SETTINGS_OF = {
+    "results_beta1_0.5": "adam_beta1 0.5",
+    "results_beta1_0.5_seed1": "adam_beta1 0.5",
+    "results_beta1_0.5_seed2": "adam_beta1 0.5",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
@@ -82,6 +97,7 @@ COMPARE = [
     ("l3m_long (gradient: shift)", "l3m_long (gradient: stop)"),
     ("l3m_medium (gradient: shift (l_min) + sequence (l_max))", "l3m_medium (gradient: shift)"),
     ("l3m_long (gradient: shift (l_min) + sequence (l_max))", "l3m_long (gradient: shift)"),
+    ("l3m_medium (gradient: shift; adam_beta1 0.5)", "l3m_medium (gradient: shift)"),
 ]
 
 
@@ -98,14 +114,19 @@ def collect(root: Path = HERE) -> dict:
         path = root / folder / "results.json"
         if path.is_file():
             evals[folder] = {e["model"]: e for e in json.loads(path.read_text())["evaluations"]}
-            if "sft" in evals[folder]:
+            if "sft" in evals[folder] and folder not in SETTINGS_OF:
                 sft_of_seed.setdefault(seed, evals[folder]["sft"]["task_logppl"])
     rows = []
     for folder, ev in evals.items():
         seed = SEED_RUNS[folder]
-        if seed not in sft_of_seed:
+        if folder in SETTINGS_OF:
+            if "sft" not in ev:
+                continue
+            sft = ev["sft"]["task_logppl"]
+        elif seed in sft_of_seed:
+            sft = sft_of_seed[seed]
+        else:
             continue
-        sft = sft_of_seed[seed]
         for name in L3MS:
             if name not in ev:
                 continue
@@ -116,14 +137,17 @@ def collect(root: Path = HERE) -> dict:
             if isinstance(gradient, dict):
                 gradient = gradient.get(name, "sequence")
             prompts = PROMPTS_OF.get(folder, 8)
-            notes = ([f"gradient: {gradient}"] if gradient != "sequence" else []) + (
-                [f"{prompts} prompts per step"] if prompts != 8 else []
+            notes = (
+                ([f"gradient: {gradient}"] if gradient != "sequence" else [])
+                + ([f"{prompts} prompts per step"] if prompts != 8 else [])
+                + ([SETTINGS_OF[folder]] if folder in SETTINGS_OF else [])
             )
             rows.append(
                 {
                     "model": name,
                     "gradient": gradient,
                     "prompts_per_step": prompts,
+                    "settings": SETTINGS_OF.get(folder),
                     "label": f"{name} ({'; '.join(notes)})" if notes else name,
                     "seed": seed,
                     "folder": folder,
@@ -149,7 +173,8 @@ def collect(root: Path = HERE) -> dict:
     rows = list(kept.values())
     summary = {}
     for label in dict.fromkeys(
-        r["label"] for r in sorted(rows, key=lambda r: (r["gradient"] != "sequence", r["prompts_per_step"]))
+        r["label"]
+        for r in sorted(rows, key=lambda r: (r["gradient"] != "sequence", r["prompts_per_step"], bool(r["settings"])))
     ):
         rs = [r for r in rows if r["label"] == label]
         n = len(rs)
