@@ -239,3 +239,24 @@ def test_tied_end_token_restores_only_the_input_rows_of_the_end_tokens(tmp_path)
     assert torch.equal(model.get_input_embeddings().weight[5], w_trained[5])
     assert torch.allclose(model(input_ids=without_end).logits, before[0])
     assert not torch.allclose(model(input_ids=with_end).logits[:, 1:], before[1][:, 1:])
+
+
+def test_momentum_summary_counts_constraint_steps_and_the_excursions_of_the_length():
+    """30 steps: λ above 1 in steps 3, 12 and 25 (one of them in the last third); the sampled length sits at 25
+    except for 5 steps at 40 (steps 15-19), whose 5-step mean leaves the range [20, 30] for steps 16-23."""
+    from momentum import summarise
+
+    rows = []
+    for step in range(1, 31):
+        lam = 5.0 if step in (3, 12, 25) else 0.1
+        length = 40.0 if 15 <= step <= 19 else 25.0
+        rows.append(
+            {"step": step, "sample/mean_length": length, "constraints/a/lambda": lam, "constraints/b/lambda": 0.0}
+        )
+    s = summarise(rows, 20, 30)
+    assert s["steps_lambda_above_1"] == 3 and s["tail_steps_lambda_above_1"] == 1
+    assert s["highest_5step_mean_length_after_step_10"] == pytest.approx(40.0)
+    assert s["lowest_5step_mean_length_after_step_10"] == pytest.approx(25.0)
+    # 5-step means: step 15: 28, 16: 31, 17: 34, 18: 37, 19: 40, 20: 37, 21: 34, 22: 31, 23: 28 -> 16..22 outside
+    assert s["steps_5step_mean_outside_range_after_step_10"] == 7
+    assert s["mean_sample_length_last_third"] == pytest.approx(25.0)

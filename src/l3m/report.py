@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from l3m.barrier import relaxed_log_barrier  # noqa: E402
 from l3m.errors import L3MUserError  # noqa: E402
+from l3m.evaluation import paired_difference  # noqa: E402
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
@@ -237,12 +238,9 @@ def against_first(evals: Sequence[dict]) -> list[dict]:
         if not t or not ref["mean"]:
             continue
         row = {"model": e["model"], "against": evals[0]["model"], "ratio": t["mean"] / ref["mean"]}
-        a, b = t.get("per_example") or [], ref.get("per_example") or []
-        if len(a) == len(b) >= 2:
-            d = [x - y for x, y in zip(a, b)]
-            mean = sum(d) / len(d)
-            var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
-            row.update(paired_diff=mean, paired_se=math.sqrt(var / len(d)))
+        paired = paired_difference(t.get("per_example"), ref.get("per_example"))
+        if paired:
+            row.update(paired_diff=paired["mean"], paired_se=paired["se"])
         rows.append(row)
     return rows
 
