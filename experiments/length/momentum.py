@@ -1,10 +1,11 @@
-"""How Adam's momentum shapes the length of the training samples near a bound (stop 23).
+"""Did Adam's momentum drive the length's swings across the range? (stop 23)
 
 Each step's λ_i jumps between ~0 (the step's estimate of C_i feasible) and up to 1/(mμ) (infeasible), and each
-clipped update in an infeasible step points along the constraint's gradient. Adam's first moment is a mean over the
-last ~1/(1 − β1) updates (10 at the default β1 = 0.9), so after the samples come back inside the range the
-optimiser keeps pushing the same way for several more steps: the length overshoots to the other side, that bound
-becomes active, and the cycle repeats. This draws, for runs of the same model with different settings, the mean
+clipped update in an infeasible step points along the constraint's gradient. The hypothesis tested: Adam's first
+moment is a mean over the last ~1/(1 − β1) updates (10 at the default β1 = 0.9), so after the samples come back
+inside the range the optimiser keeps pushing the same way for several more steps, the length overshoots to the
+other side, and the cycle repeats; a shorter memory (β1 = 0.5) should swing less. (Measured: it did not, on
+average; see the README.) This draws, for runs of the same model with different settings, the mean
 length of the training samples per step with the range shaded, and counts what each run spent on its constraints:
 
     .venv/bin/python experiments/length/momentum.py -o experiments/length/results_beta1_0.5/momentum \\

@@ -70,9 +70,9 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_shift_f1e-3": "shift, floor 1e-3",
     "results_shift_f1e-3_seed1_medium": "shift, floor 1e-3",
     "results_shift_f1e-3_seed2_medium": "shift, floor 1e-3",
-    "results_beta1_0.5": "shift",
-    "results_beta1_0.5_seed1": "shift",
-    "results_beta1_0.5_seed2": "shift",
+    "results_beta1_0.5": {"l3m_medium": "shift"},
+    "results_beta1_0.5_seed1": {"l3m_medium": "shift"},
+    "results_beta1_0.5_seed2": {"l3m_medium": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
@@ -98,6 +98,7 @@ COMPARE = [
     ("l3m_medium (gradient: shift (l_min) + sequence (l_max))", "l3m_medium (gradient: shift)"),
     ("l3m_long (gradient: shift (l_min) + sequence (l_max))", "l3m_long (gradient: shift)"),
     ("l3m_medium (gradient: shift; adam_beta1 0.5)", "l3m_medium (gradient: shift)"),
+    ("l3m_short (adam_beta1 0.5)", "l3m_short"),
 ]
 
 
