@@ -76,6 +76,8 @@ def test_seed_summary_pairs_each_l3m_with_the_sft_model_of_its_own_seed(tmp_path
     monkeypatch.setattr(
         seeds, "SEED_RUNS", {"results": 0, "results_seed1_short": 1, "results_seed2": 2, "results_more": 2}
     )
+    for table in ("GRADIENT_OF", "SETTINGS_OF", "PROMPTS_OF"):  # the experiment's own folders: not in this test
+        monkeypatch.setattr(seeds, table, {})
     out = seeds.collect(tmp_path)
     assert out["runs"][-1]["model"] == "l3m_medium" and out["runs"][-1]["ratio_to_sft"] == pytest.approx(1.1)
     out["runs"] = out["runs"][:-1]

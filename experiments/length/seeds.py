@@ -21,7 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
 SEED_RUNS = {
-    "results": 0,
+    "results": 0,  # the committed run since stop 24: adam_beta1 0.5 for every model
+    "results_beta1_0.9": 0,  # the committed run of stops 22 and 23: adam_beta1 0.9 (transformers' default)
     "results_sequence": 0,  # the committed run until stop 22: every range with the sequence estimator
     "results_seed1_short": 1,
     "results_seed1_medium": 1,
@@ -53,6 +54,7 @@ SEED_RUNS = {
 GRADIENT_OF: dict[str, str | dict[str, str]] = {
     # the committed run since stop 22: each range its own estimator (run.py's GRADIENTS)
     "results": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_beta1_0.9": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_gm_shift": "shift (l_min) + sequence (l_max)",
     "results_stop_gradient": "stop",
     "results_stop_seed1_medium": "stop",
@@ -77,6 +79,7 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
 SETTINGS_OF = {
+    "results": "adam_beta1 0.5",
     "results_beta1_0.5": "adam_beta1 0.5",
     "results_beta1_0.5_seed1": "adam_beta1 0.5",
     "results_beta1_0.5_seed2": "adam_beta1 0.5",
@@ -99,6 +102,7 @@ COMPARE = [
     ("l3m_long (gradient: shift (l_min) + sequence (l_max))", "l3m_long (gradient: shift)"),
     ("l3m_medium (gradient: shift; adam_beta1 0.5)", "l3m_medium (gradient: shift)"),
     ("l3m_short (adam_beta1 0.5)", "l3m_short"),
+    ("l3m_long (gradient: shift; adam_beta1 0.5)", "l3m_long (gradient: shift)"),
 ]
 
 
