@@ -213,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.report_only:
         res = json.loads(results_file.read_text())
         runs = results_dir / "runs"  # per-run metrics; absent from results committed before stop 17 (see README)
+        order = list(model_configs())  # the models in the order the full run reports them
         make_report(
-            sorted(runs.iterdir()) if runs.is_dir() else [],
+            sorted(runs.iterdir(), key=lambda d: (order.index(d.name) if d.name in order else len(order), d.name))
+            if runs.is_dir()
+            else [],
             res["evaluations"],
             results_dir,
             res["ranges"],

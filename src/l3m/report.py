@@ -333,7 +333,7 @@ def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) 
         ax2.axhline(ppl[0][0], color="grey", ls=":", lw=1, label=f"{names[0]}'s mean (the % are against it)")
     for p, (m, _s), e in zip(pos, ppl, evals):
         if math.isfinite(m):
-            vs = f" ({rel[e['model']] - 1:+.0%})" if e["model"] in rel else ""
+            vs = f" ({rel[e['model']] - 1:+.1%})" if e["model"] in rel else ""
             ax2.annotate(f"{m:.3f}{vs}\n(len {e['lengths']['mean']:.0f})", (p + 0.12, m), fontsize=8, va="center")
     ax2.set_xticks(pos, names, rotation=15)
     ax2.set_xlim(0.5, len(pos) + 0.7)
