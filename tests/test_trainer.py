@@ -183,3 +183,24 @@ def test_gradient_parts_add_up_to_the_logged_gradient_norm(tmp_path, talking_mod
         assert abs(h["grad_parts/task_share"] - t / total) < 1e-4
     with pytest.raises(ValueError, match="loss_chunks"):
         tiny_args(tmp_path, log_gradient_parts=True, loss_chunks=2)
+
+
+@pytest.mark.parametrize("power", [2.0, 1.0])
+def test_barrier_s_power_sets_lambda_of_a_violated_constraint(tmp_path, tiny_model, counting_rows, power):
+    # a limit of 1 token: every sample of the random tiny model is longer, so the constraint is violated each step
+    # and lambda = mu / s = mu**(1 - p) (m = 1): 1/mu with the paper's s = mu**2, at most 1/m = 1 with s = mu
+    args = tiny_args(tmp_path, max_steps=3, mu_min=0.01, barrier_s_power=power, logging_steps=1)
+    trainer = L3MTrainer(
+        str(tiny_model), args=args, train_dataset=counting_rows * 4, constraints=[LengthConstraint(1, "max")]
+    )
+    trainer.train()
+    hist = [h for h in trainer.state.log_history if "mu" in h]
+    assert [h["constraints/length_max/holds"] for h in hist] == [0.0, 0.0, 0.0]
+    for h in hist:
+        assert h["constraints/length_max/lambda"] == pytest.approx(h["mu"] ** (1 - power), rel=1e-5), h
+    assert hist[-1]["constraints/length_max/lambda"] == pytest.approx(100.0 if power == 2 else 1.0, rel=1e-5)
+
+
+def test_barrier_s_power_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="barrier_s_power"):
+        tiny_args(tmp_path, barrier_s_power=0)

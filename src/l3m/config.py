@@ -64,7 +64,17 @@ class L3MConfig(TrainingArguments):
         metadata={"help": "mu at the last step; mu decays exponentially each optimiser step (ours: 0.01)."},
     )
     barrier_s: float | None = field(
-        default=None, metadata={"help": "Relaxation point s of the barrier; None uses s = mu**2, as the paper does."}
+        default=None,
+        metadata={"help": "Relaxation point s of the barrier, fixed; None (default) uses s = mu**barrier_s_power."},
+    )
+    barrier_s_power: float = field(
+        default=2.0,
+        metadata={
+            "help": "With barrier_s None, s = mu**p. The paper: p = 2 (the default), so a violated constraint gets "
+            "lambda_i = 1/(m mu), up to 50 at mu = 0.01 with m = 2, and the barrier tends to the characteristic "
+            "function of {C <= 0}. p = 1 (ours, an option) caps every lambda_i at 1/m: an exact penalty of weight 1 "
+            "on a violation rather than an infinite wall, with gentler swings near an active bound (README)."
+        },
     )
     constraint_ema: float = field(
         default=0.0,
@@ -179,6 +189,8 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"constraint_ema must be in [0, 1), got {self.constraint_ema}")
         if not 0 <= self.average_tail <= 1:
             raise ValueError(f"average_tail must be in [0, 1] (a fraction of the steps), got {self.average_tail}")
+        if not self.barrier_s_power > 0:
+            raise ValueError(f"barrier_s_power must be > 0, got {self.barrier_s_power}")
         if not (0 < self.mu_min <= self.mu_init):
             raise ValueError(f"need 0 < mu_min <= mu_init, got mu_min={self.mu_min}, mu_init={self.mu_init}")
         if self.prompt_batch_size is not None and self.prompt_batch_size < 1:

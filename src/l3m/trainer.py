@@ -465,7 +465,7 @@ class L3MTrainer(Trainer):
         met["sample/mean_length"].append(float(stats[2 * m] / total))
         met["sample/clipped_ratio"].append(float(stats[2 * m + 1] / total))
         met["time/generation_s"].append(t_gen)
-        barrier = relaxed_log_barrier(c_est, mu, args.barrier_s)
+        barrier = relaxed_log_barrier(c_est, mu, self._barrier_s(mu))
         met["barrier"].append(float(barrier.mean()) if m else 0.0)
         patience = args.infeasible_patience or max(self.state.max_steps // 4, 10)
         for i, con in enumerate(self.constraints):
@@ -780,7 +780,13 @@ class L3MTrainer(Trainer):
         """lambda_i for this step: the barrier's B'(C_i)/m, or (method minimax) the dual-ascent multipliers."""
         if self.minimax is not None:
             return self.minimax.update_multipliers(c_est)
-        return lagrange_multipliers(c_est, mu, self.args.barrier_s)
+        return lagrange_multipliers(c_est, mu, self._barrier_s(mu))
+
+    def _barrier_s(self, mu: float) -> float | None:
+        """The barrier's relaxation point s at this mu: ``barrier_s`` where set, else ``mu**barrier_s_power``."""
+        if self.args.barrier_s is not None:
+            return self.args.barrier_s
+        return None if self.args.barrier_s_power == 2 else mu**self.args.barrier_s_power  # None: mu * mu, the paper's
 
     def _sample_weights(self, inputs: dict, seq_logp: torch.Tensor) -> torch.Tensor:
         """Per-sample weights of the score-function surrogate: sum_i lambda_i (c_i - b_i), plus (method minimax)
