@@ -50,6 +50,9 @@ SEED_RUNS = {
     "results_beta1_0.5_seed2": 2,
     "results_beta1_0.5_seed3": 3,
     "results_beta1_0.5_seed4": 4,
+    # stop 25: medium with barrier_s_power 1 (lambda_i at most 1/m), each folder holding its seed's beta1-0.5 SFT
+    "results_s_mu_seed3": 3,
+    "results_s_mu_seed4": 4,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
@@ -79,6 +82,8 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_beta1_0.5_seed2": {"l3m_medium": "shift"},
     "results_beta1_0.5_seed3": {"l3m_medium": "shift"},
     "results_beta1_0.5_seed4": {"l3m_medium": "shift"},
+    "results_s_mu_seed3": {"l3m_medium": "shift"},
+    "results_s_mu_seed4": {"l3m_medium": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
@@ -89,6 +94,8 @@ SETTINGS_OF = {
     "results_beta1_0.5_seed2": "adam_beta1 0.5",
     "results_beta1_0.5_seed3": "adam_beta1 0.5",
     "results_beta1_0.5_seed4": "adam_beta1 0.5",
+    "results_s_mu_seed3": "adam_beta1 0.5; barrier_s_power 1",
+    "results_s_mu_seed4": "adam_beta1 0.5; barrier_s_power 1",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
@@ -109,6 +116,7 @@ COMPARE = [
     ("l3m_medium (gradient: shift; adam_beta1 0.5)", "l3m_medium (gradient: shift)"),
     ("l3m_short (adam_beta1 0.5)", "l3m_short"),
     ("l3m_long (gradient: shift; adam_beta1 0.5)", "l3m_long (gradient: shift)"),
+    ("l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1)", "l3m_medium (gradient: shift; adam_beta1 0.5)"),
 ]
 
 
