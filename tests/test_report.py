@@ -273,3 +273,12 @@ def test_eos_bias_yardstick_lowers_only_the_end_logits_and_lengthens(talking_mod
 
     assert (lengths(0.0) < 12).any()  # the trained model ends some responses by itself
     assert (lengths(50.0) == 12).all()  # with its end tokens 50 nats down, none ends before the cap
+
+
+def test_barrier_figure_draws_the_runs_barrier_when_it_is_not_the_papers(tmp_path):
+    paper = make_report([], [], tmp_path / "p").read_text()
+    own = make_report([], [], tmp_path / "o", barrier_s_power=1.0).read_text()
+    assert "s = μ^1" not in paper and "Dashed" not in paper
+    assert "s = μ^1 (`barrier_s_power`)" in own and "= 1 at every μ" in own
+    # the figure itself differs: the dashed curves are drawn
+    assert (tmp_path / "p" / "barrier.png").read_bytes() != (tmp_path / "o" / "barrier.png").read_bytes()

@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             results_dir,
             res["ranges"],
             title="Length-constrained L3Ms (paper Figure 2) on instruction_data_short",
+            barrier_s_power=_barrier_s_power(results_dir),
         )
         return 0
     if not DATA.is_file():
@@ -333,6 +334,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _barrier_s_power(results_dir: Path) -> float:
+    """The ``barrier_s_power`` the L3Ms of a results folder were trained with (their configs; default 2)."""
+    import yaml
+
+    powers = {
+        yaml.safe_load(f.read_text())["training"].get("barrier_s_power", 2.0)
+        for f in sorted((results_dir / "configs").glob("l3m_*.yaml"))
+    }
+    return powers.pop() if len(powers) == 1 else 2.0
+
+
 def _finish(results_dir: Path, res: dict) -> None:
     """Write results.md, the terminal table and the report's figures from a results dict."""
     from l3m.evaluation import markdown_table, print_rich
@@ -347,6 +359,7 @@ def _finish(results_dir: Path, res: dict) -> None:
         results_dir,
         RANGES,
         title="Length-constrained L3Ms (paper Figure 2) on instruction_data_short",
+        barrier_s_power=_barrier_s_power(results_dir),
     )
     print(f"results in {results_dir}; wall clock {res['wall_clock_s'] / 60:.1f} min")
 

@@ -179,8 +179,9 @@ def plot_training(
     return out
 
 
-def plot_barrier(path: str | os.PathLike, mus: Sequence[float] = (1.0, 0.5, 0.3, 0.1)) -> Path:
-    """The relaxed log-barrier B_{mu, mu^2}(z) for several mu (the paper's Figure 1)."""
+def plot_barrier(path: str | os.PathLike, mus: Sequence[float] = (1.0, 0.5, 0.3, 0.1), s_power: float = 2.0) -> Path:
+    """The relaxed log-barrier B_{mu, mu^2}(z) for several mu (the paper's Figure 1); with ``s_power`` p other
+    than 2 (the trainer's ``barrier_s_power``), also B_{mu, mu^p}, dashed: the barrier the runs used."""
     import torch
 
     z = torch.linspace(-2.0, 0.5, 1001, dtype=torch.float64)
@@ -189,7 +190,13 @@ def plot_barrier(path: str | os.PathLike, mus: Sequence[float] = (1.0, 0.5, 0.3,
         ax.plot(z, relaxed_log_barrier(z, mu), color=COLORS[j], label=f"μ = {mu:g} (s = μ² = {mu * mu:.3g})")
         s = mu * mu
         ax.plot([-s], [relaxed_log_barrier(-s, mu)], "o", color=COLORS[j], ms=4)
+        if s_power != 2:
+            s = mu**s_power
+            ax.plot(z, relaxed_log_barrier(z, mu, s), color=COLORS[j], ls="--", lw=1.2)
+            ax.plot([-s], [relaxed_log_barrier(-s, mu, s)], "s", color=COLORS[j], ms=4)
     ax.plot([-2.0, 0, 0], [0, 0, 4.0], color="black", lw=1.5, ls=":", label="limit μ → 0: 0 if z ≤ 0, +∞ beyond")
+    if s_power != 2:
+        ax.plot([], [], color="grey", ls="--", label=f"dashed: s = μ^{s_power:g}, the runs' barrier (squares: −s)")
     ax.axvline(0, color="black", lw=1, ls="--", label="constraint boundary z = 0")
     ax.axvspan(-2.0, 0, color="green", alpha=0.06, label="feasible (z ≤ 0)")
     ax.set(
@@ -377,11 +384,13 @@ def make_report(
     ranges: Mapping[str, Sequence[float]] | None = None,
     title: str = "l3m report",
     reward_results: Sequence[Mapping] = (),
+    barrier_s_power: float = 2.0,
 ) -> Path:
     """Write the PNGs and ``report.md`` into ``out_dir``; returns the Markdown file.
 
     ``reward_results``: results of reward-constrained experiments (``points`` and ``models``, as the
-    helpful-and-harmless experiment writes them), each drawn as the paper's Figure 3.
+    helpful-and-harmless experiment writes them), each drawn as the paper's Figure 3. ``barrier_s_power``: the
+    runs' ``barrier_s_power``; other than the paper's 2, the barrier figure draws theirs beside the paper's.
     """
     from l3m.evaluation import markdown_table
 
@@ -413,7 +422,14 @@ def make_report(
             ),
             "",
         ]
-    plot_barrier(out / "barrier.png")
+    plot_barrier(out / "barrier.png", s_power=barrier_s_power)
+    own = (
+        ""
+        if barrier_s_power == 2
+        else f" Dashed: the barrier these runs used, s = μ^{barrier_s_power:g} (`barrier_s_power`); its slope past "
+        f"−s, the multiplier of a violated constraint times m, is μ^{1 - barrier_s_power:g}"
+        + (" = 1 at every μ: a bounded push instead of a wall." if barrier_s_power == 1 else ".")
+    )
     md += [
         "## The relaxed log-barrier",
         "",
@@ -421,7 +437,7 @@ def make_report(
         "",
         "*Figure (paper Figure 1): B_μ(z) = −μ log(−z) for z ≤ −s and its linear continuation beyond, with "
         "s = μ². As μ → 0 it tends to 0 on the feasible side and to +∞ past the boundary; unlike a plain "
-        "log-barrier it is finite for infeasible z, so training may start infeasible.*",
+        "log-barrier it is finite for infeasible z, so training may start infeasible." + own + "*",
         "",
     ]
     evals = list(evals)
