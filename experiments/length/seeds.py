@@ -21,7 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
 SEED_RUNS = {
-    "results": 0,  # the committed run since stop 24: adam_beta1 0.5 for every model
+    "results": 0,  # the committed run since stop 25: adam_beta1 0.5 for every model, barrier_s_power 1 for the L3Ms
+    "results_s_mu2": 0,  # the committed run of stop 24: adam_beta1 0.5, the paper's s = mu**2
     "results_beta1_0.9": 0,  # the committed run of stops 22 and 23: adam_beta1 0.9 (transformers' default)
     "results_sequence": 0,  # the committed run until stop 22: every range with the sequence estimator
     "results_seed1_short": 1,
@@ -51,6 +52,8 @@ SEED_RUNS = {
     "results_beta1_0.5_seed3": 3,
     "results_beta1_0.5_seed4": 4,
     # stop 25: medium with barrier_s_power 1 (lambda_i at most 1/m), each folder holding its seed's beta1-0.5 SFT
+    "results_s_mu_seed1": 1,
+    "results_s_mu_seed2": 2,
     "results_s_mu_seed3": 3,
     "results_s_mu_seed4": 4,
 }
@@ -59,6 +62,7 @@ SEED_RUNS = {
 GRADIENT_OF: dict[str, str | dict[str, str]] = {
     # the committed run since stop 22: each range its own estimator (run.py's GRADIENTS)
     "results": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_s_mu2": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_beta1_0.9": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_gm_shift": "shift (l_min) + sequence (l_max)",
     "results_stop_gradient": "stop",
@@ -82,18 +86,23 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_beta1_0.5_seed2": {"l3m_medium": "shift"},
     "results_beta1_0.5_seed3": {"l3m_medium": "shift"},
     "results_beta1_0.5_seed4": {"l3m_medium": "shift"},
+    "results_s_mu_seed1": {"l3m_medium": "shift"},
+    "results_s_mu_seed2": {"l3m_medium": "shift"},
     "results_s_mu_seed3": {"l3m_medium": "shift"},
     "results_s_mu_seed4": {"l3m_medium": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
 SETTINGS_OF = {
-    "results": "adam_beta1 0.5",
+    "results": "adam_beta1 0.5; barrier_s_power 1",
+    "results_s_mu2": "adam_beta1 0.5",
     "results_beta1_0.5": "adam_beta1 0.5",
     "results_beta1_0.5_seed1": "adam_beta1 0.5",
     "results_beta1_0.5_seed2": "adam_beta1 0.5",
     "results_beta1_0.5_seed3": "adam_beta1 0.5",
     "results_beta1_0.5_seed4": "adam_beta1 0.5",
+    "results_s_mu_seed1": "adam_beta1 0.5; barrier_s_power 1",
+    "results_s_mu_seed2": "adam_beta1 0.5; barrier_s_power 1",
     "results_s_mu_seed3": "adam_beta1 0.5; barrier_s_power 1",
     "results_s_mu_seed4": "adam_beta1 0.5; barrier_s_power 1",
 }
@@ -117,6 +126,8 @@ COMPARE = [
     ("l3m_short (adam_beta1 0.5)", "l3m_short"),
     ("l3m_long (gradient: shift; adam_beta1 0.5)", "l3m_long (gradient: shift)"),
     ("l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1)", "l3m_medium (gradient: shift; adam_beta1 0.5)"),
+    ("l3m_short (adam_beta1 0.5; barrier_s_power 1)", "l3m_short (adam_beta1 0.5)"),
+    ("l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1)", "l3m_long (gradient: shift; adam_beta1 0.5)"),
 ]
 
 
