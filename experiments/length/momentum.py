@@ -9,7 +9,7 @@ average; see the README.) This draws, for runs of the same model with different 
 length of the training samples per step with the range shaded, and counts what each run spent on its constraints:
 
     .venv/bin/python experiments/length/momentum.py -o experiments/length/results_beta1_0.5/momentum \\
-        "β1 0.9, seed 0=experiments/length/results/runs/l3m_medium" \\
+        "β1 0.9, seed 0=experiments/length/results_beta1_0.9/runs/l3m_medium" \\
         "β1 0.5, seed 0=experiments/length/results_beta1_0.5/runs/l3m_medium" ...
 
 Writes ``OUT.png`` and ``OUT.json``: per run the steps whose largest λ_i exceeded 1 (an update that is, after
