@@ -20,8 +20,26 @@ def test_length_bound_matches_the_closed_form_on_two_lengths():
     ones = torch.ones(3, dtype=torch.float64)
     excess, mean_best = task_loss_excess(p, ones, lengths, 1.5, 2.0)
     assert mean_best == pytest.approx(1.0)
-    assert excess == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=2e-3)
+    assert excess == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=1e-9)
     assert task_loss_excess(p, ones, lengths, 0.5, 1.5)[0] == 0.0  # the optimum already lies in the range
+
+
+def test_length_bound_moves_mass_to_lengths_the_data_never_has():
+    """The cheapest way to raise the mean is to keep p's shape and put the rest of the mass at the longest length
+    (the cap), which p never has: p = (1/2, 1/2, 0, 0) raised to mean 2 gives q = (1/6, 1/4, 0, 7/12) and an excess
+    of 0.5 log 3 + 0.5 log 2. Lowering p = (0, 0, 1/2, 1/2) to mean 1 is the mirror image, with the mass at length 0.
+    (Until stop 26 the solver could not move mass off p's support and reported far larger bounds.)"""
+    from length_bound import length_optimum
+
+    lengths = torch.arange(4, dtype=torch.float64)
+    ones = torch.ones(4, dtype=torch.float64)
+    p = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    q = length_optimum(p, ones, lengths, 2.0, 3.0)
+    assert q.tolist() == pytest.approx([1 / 6, 1 / 4, 0.0, 7 / 12])
+    assert task_loss_excess(p, ones, lengths, 2.0, 3.0)[0] == pytest.approx(0.5 * math.log(6))
+    down = torch.tensor([0.0, 0.0, 0.5, 0.5], dtype=torch.float64)
+    assert length_optimum(down, ones, lengths, 0.0, 1.0).tolist() == pytest.approx([7 / 12, 0.0, 1 / 4, 1 / 6])
+    assert task_loss_excess(down, ones, lengths, 0.0, 1.0)[0] == pytest.approx(0.5 * math.log(6))
 
 
 def test_length_bound_uses_the_per_token_optimum_as_its_zero():

@@ -311,13 +311,17 @@ def test_stop_gradient_surrogate_is_the_stop_decisions_log_probability(tmp_path,
     assert_trainer_loss_matches(trainer, batch, model, surrogate)
 
 
-@pytest.mark.parametrize("min_p", [0.0, 0.02])
-def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(tmp_path, talking_model, counting_rows, min_p):
+@pytest.mark.parametrize(("min_p", "direction"), [(0.0, "logodds"), (0.02, "logodds"), (0.02, "stop_prob")])
+def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(
+    tmp_path, talking_model, counting_rows, min_p, direction
+):
     """``gradient: shift``: the surrogate is ``g * mean_t s_t`` with ``s_t`` the stop log-odds at each sampled
     decision and ``g = mean_j w_j sum_t (1[stop] - P_t(stop))``, computed here from a plain forward pass; ``g`` is
     the derivative of the weighted constraint under a uniform shift of the stop log-odds (checked against the
     analytic score of each sample's decisions); the mean counts the decisions with P(stop) >= shift_min_stop_prob;
-    loss and gradient agree on both paths; loss_chunks is refused."""
+    loss and gradient agree on both paths; loss_chunks is refused. With ``shift_direction: stop_prob`` each decision
+    gets the weight ``u_t = min(1 / (1 - P_t), cap)`` over its mean on the counted decisions, in ``g`` and the mean."""
+    cap = 1.03  # 1 / (1 - P) with P = 0.03: this tiny model stops with P up to 0.05, so the cap is exercised
     args = tiny_args(
         tmp_path,
         per_device_train_batch_size=3,
@@ -325,6 +329,8 @@ def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(tmp_path, talk
         task_loss=False,
         temperature=0.7,
         shift_min_stop_prob=min_p,
+        shift_direction=direction,
+        shift_max_weight=cap,
     )
     con = LengthConstraint(5, "max", gradient="shift")
     trainer = L3MTrainer(str(talking_model), args=args, train_dataset=counting_rows, constraints=[con])
@@ -334,7 +340,7 @@ def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(tmp_path, talk
     model = trainer.model.train()
     eos = trainer.eos_token_ids
     model.zero_grad()
-    logodds, scores, n, n_all = [], [], 0, 0
+    rows, n, n_all = [], 0, 0
     for i in range(w.numel()):
         ids, mask = batch["sample_input_ids"][i], batch["sample_mask"][i]
         ids = ids[batch["sample_attention_mask"][i].bool()]
@@ -345,17 +351,28 @@ def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(tmp_path, talk
         log_stop = logp[:, eos].logsumexp(-1)
         s = log_stop - torch.log1p(-log_stop.exp())
         ends = torch.isin(ids[1:][pos], torch.tensor(eos)).float()
-        # d/d delta of log P(decisions) when every s_t gets + delta: sum_t (1[stop] - sigmoid(s_t + delta)) at 0
-        delta = torch.zeros((), requires_grad=True)
-        dec = (ends * torch.nn.functional.logsigmoid(s.detach() + delta)).sum()
-        dec = dec + ((1 - ends) * torch.nn.functional.logsigmoid(-(s.detach() + delta))).sum()
-        (d_dec,) = torch.autograd.grad(dec, delta)
-        scores.append(d_dec)
         keep = s.detach().sigmoid() >= min_p
-        logodds.append(s[keep].sum())
+        rows.append((s, ends, keep))
         n += int(keep.sum())
         n_all += pos.numel()
     assert 0 < n <= n_all and (n == n_all) == (min_p == 0), (n, n_all)  # the floor leaves some decisions out
+    if direction == "stop_prob":
+        raw = [(1 / (1 - s.detach().sigmoid())).clamp(max=cap) for s, _, _ in rows]
+        assert any(bool((r == cap).any()) for r in raw) and any(bool((r < cap).any()) for r in raw)
+        mean_u = sum(r[k].sum() for r, (_, _, k) in zip(raw, rows)) / n
+        us = [r / mean_u for r in raw]
+    else:
+        us = [torch.ones_like(s) for s, _, _ in rows]
+    scores, logodds = [], []
+    for (s, ends, keep), u in zip(rows, us):
+        # d/d delta of log P(decisions) when every s_t gets + delta u_t: sum_t u_t (1[stop] - sigmoid(s_t)) at 0
+        delta = torch.zeros((), requires_grad=True)
+        moved = s.detach() + delta * u
+        dec = (ends * torch.nn.functional.logsigmoid(moved)).sum()
+        dec = dec + ((1 - ends) * torch.nn.functional.logsigmoid(-moved)).sum()
+        (d_dec,) = torch.autograd.grad(dec, delta)
+        scores.append(d_dec)
+        logodds.append((u * s)[keep].sum())
     g = (w * torch.stack(scores)).mean()
     surrogate = g * torch.stack(logodds).sum() / n
     assert_trainer_loss_matches(trainer, batch, model, surrogate)

@@ -204,3 +204,10 @@ def test_barrier_s_power_sets_lambda_of_a_violated_constraint(tmp_path, tiny_mod
 def test_barrier_s_power_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="barrier_s_power"):
         tiny_args(tmp_path, barrier_s_power=0)
+
+
+def test_shift_direction_and_its_weight_cap_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="shift_direction must be 'logodds' or 'stop_prob'"):
+        tiny_args(tmp_path, shift_direction="uniform")
+    with pytest.raises(ValueError, match="shift_max_weight"):
+        tiny_args(tmp_path, shift_direction="stop_prob", shift_max_weight=0.5)

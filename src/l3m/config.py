@@ -128,6 +128,25 @@ class L3MConfig(TrainingArguments):
             "with 0 (every decision) the length experiment's task loss rose to 1-3.5 nats (README). Default 1e-4."
         },
     )
+    shift_direction: str = field(
+        default="logodds",
+        metadata={
+            "help": "Constraints with 'gradient: shift' (ours): which uniform change of the stop decisions the push "
+            "makes. 'logodds' (default): every decision's stop log-odds moves alike, as an end-token bias. "
+            "'stop_prob': every decision's P(stop) is scaled alike (its log-odds moved in proportion to "
+            "1 / (1 - P(stop)), at most shift_max_weight, normalised to a mean of 1). Why: a length bound above the "
+            "model's own length is cheapest for the task loss when the model stops after each answer with the same "
+            "probability whatever the prompt; a uniform log-odds shift keeps confident ends confident and drives "
+            "less confident ones near 0, and -log P(stop) is convex, so that unevenness costs (README)."
+        },
+    )
+    shift_max_weight: float = field(
+        default=100.0,
+        metadata={
+            "help": "With shift_direction 'stop_prob': the largest weight 1 / (1 - P(stop)) a decision gets (100: "
+            "decisions with P(stop) above 0.99 are moved as one at 0.99), which bounds the estimator's variance."
+        },
+    )
     log_gradient_parts: bool = field(
         default=False,
         metadata={
@@ -199,6 +218,10 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"loss_chunks must be an integer >= 1, got {self.loss_chunks!r}")
         if not 0 <= self.shift_min_stop_prob < 1:
             raise ValueError(f"shift_min_stop_prob must be in [0, 1), got {self.shift_min_stop_prob}")
+        if self.shift_direction not in ("logodds", "stop_prob"):
+            raise ValueError(f"shift_direction must be 'logodds' or 'stop_prob', got {self.shift_direction!r}")
+        if not self.shift_max_weight >= 1:
+            raise ValueError(f"shift_max_weight must be >= 1, got {self.shift_max_weight}")
         if self.log_gradient_parts and self.loss_chunks > 1:
             raise ValueError("log_gradient_parts needs the one-pass loss: set loss_chunks to 1")
         if self.max_new_tokens < 1:

@@ -836,24 +836,36 @@ class L3MTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def _shift_surrogate(self, inputs: dict, stop_rows: list[torch.Tensor]) -> torch.Tensor:
-        """Gradient "shift": ``g * mean_t s_t``, where ``s_t`` is the stop log-odds at each of the samples' decisions
-        (every response token: go, or stop at the end token) and ``g = mean_j w_j sum_t (1[d_jt = stop] - P_jt)``
-        with ``w_j = sum_i lambda_i (c_ij - b_ij)``: the score-function estimate of ``sum_i lambda_i dC_i/d delta``
-        for a uniform shift ``delta`` of every ``s_t``. Its gradient moves the decisions' log-odds alike; the mean
-        counts only those with ``P(stop) >= shift_min_stop_prob``, where a shift of a few nats can change the length."""
-        score = torch.stack([r[:, 2].sum() for r in stop_rows]).detach()  # sum_t (1[stop] - P(stop)), per sample
-        g = (inputs["sample_shift_weights"].to(score.dtype) * score).mean()
+        """Gradient "shift": ``g * mean_t u_t s_t``, where ``s_t`` is the stop log-odds at each of the samples'
+        decisions (every response token: go, or stop at the end token) and ``g = mean_j w_j sum_t u_t (1[d_jt = stop]
+        - P_jt)`` with ``w_j = sum_i lambda_i (c_ij - b_ij)``: the score-function estimate of ``sum_i lambda_i dC_i/d
+        delta`` for the change ``s_t += delta u_t`` of every decision. Its gradient moves the decisions' log-odds in
+        proportion to ``u_t``; the mean counts only those with ``P(stop) >= shift_min_stop_prob``, where a shift of a
+        few nats can change the length. ``shift_direction`` sets ``u_t``: ``logodds``, 1 (a uniform shift, as an
+        end-token bias); ``stop_prob``, ``1 / (1 - P_t)`` (at most ``shift_max_weight``) over its mean on the counted
+        decisions, which scales every ``P(stop)`` by the same factor (``d log P / d s = 1 - P``)."""
         # the push counts the decisions where stopping is plausible (shift_min_stop_prob)
         floor = (
             math.log(self.args.shift_min_stop_prob / (1 - self.args.shift_min_stop_prob))
             if (self.args.shift_min_stop_prob > 0)
             else -math.inf
         )
-        total, n, n_all = stop_rows[0].new_zeros(()), 0, 0
-        for r in stop_rows:
-            real = r[:, 3] > 0
-            keep = real & (r[:, 1].detach() >= floor)
-            total, n, n_all = total + r[keep, 1].sum(), n + int(keep.sum()), n_all + int(real.sum())
+        keeps = [(r[:, 3] > 0) & (r[:, 1].detach() >= floor) for r in stop_rows]
+        n = sum(int(k.sum()) for k in keeps)
+        n_all = sum(int((r[:, 3] > 0).sum()) for r in stop_rows)
+        if self.args.shift_direction == "stop_prob":  # u_t = 1 / (1 - P_t), capped, with mean 1 on the counted ones
+            weights = [(1 + r[:, 1].detach().exp()).clamp(max=self.args.shift_max_weight) for r in stop_rows]
+            mean_w = sum(float(w[k].sum()) for w, k in zip(weights, keeps)) / max(n, 1)
+            weights = [w / max(mean_w, 1e-12) for w in weights]
+            self.record_metric("sample/shift_mean_weight", mean_w, "samples")
+        else:
+            weights = [None] * len(stop_rows)
+        scores, total = [], stop_rows[0].new_zeros(())
+        for r, k, w in zip(stop_rows, keeps, weights):
+            scores.append(r[:, 2].sum() if w is None else (w * r[:, 2]).sum())  # padding's score is 0
+            total = total + (r[k, 1].sum() if w is None else (w[k] * r[k, 1]).sum())
+        score = torch.stack(scores).detach()
+        g = (inputs["sample_shift_weights"].to(score.dtype) * score).mean()
         mean_logodds = total / max(n, 1)
         self.record_metric("sample/shift_decisions", n / max(n_all, 1), "samples")
         self.record_metric("sample/shift_dC_ddelta", float(g), "samples")
