@@ -20,13 +20,18 @@ The SFT model is not exact, so neither bounds "L3M minus SFT"; a D_exact above 1
 show that no model can meet the target.
 
 The optimum is exact (``length_optimum``): to raise the mean it keeps p's shape on short lengths and puts the rest
-of the mass at the cap. So the script also scores that shape on the real SFT model, "stop where the SFT model
-stops with probability s, otherwise never": its log-perplexity is SFT's plus ``-log(s) / n`` per reference, and its
-mean length is ``s * (SFT's mean) + (1 - s) * cap`` (SFT's held-out samples). With ``--runs DIR`` it measures, for
+of the mass at the cap. So the script also scores that shape on the real SFT model: the mixture "with probability s
+the SFT model, otherwise the SFT model with its end tokens removed" (the same as: sample from the SFT model, keep the
+first end token drawn with probability s, otherwise never stop). A reference ends, so only the first component
+can produce it: the mixture's log-perplexity is SFT's plus ``-log(s) / n`` per reference (n its scored tokens), and
+its mean length is ``s * (SFT's mean) + (1 - s) * cap`` (SFT's held-out samples; the second component always runs
+to the cap). It is a yardstick, not a method: two models and a coin. With ``--runs DIR`` it measures, for
 each L3M there, P(stop) at the references' ends, and what its end token would cost if that mean P(stop) were the
 same at every reference (``-log`` is convex: an uneven P(stop) costs more at the same mean).
 
     .venv/bin/python experiments/length/length_bound.py --runs runs/length   # table; writes results/length_bound.json
+    .venv/bin/python experiments/length/length_bound.py --runs runs/length_stop_prob_seed1 \
+        --results experiments/length/results_stop_prob_seed1        # another run's checkpoints and evaluations
 
 It also scores the initial model on the same references, to show how much of SFT's improvement each L3M made.
 """
@@ -158,7 +163,14 @@ def end_stop_probs(model_dir: str, tok, heldout) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=None, help="checkpoints of the committed run (runs/length), for the L3Ms' ends")
+    ap.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="results folder whose evaluations the checkpoints belong to; length_bound.json is written there "
+        "(default: the committed run's)",
+    )
     ns = ap.parse_args()
+    results = Path(ns.results)
     torch.set_num_threads(1)
     tok = load_tokenizer("default")
     examples = load_examples(str(DATA))
@@ -178,7 +190,7 @@ def main() -> None:
     best = w * p / (w * p).sum()
     exact_gap = F(p) - F(best)  # how far below an exact model's log-ppl the per-token optimum lies
 
-    sft_results = json.loads((RESULTS / "results.json").read_text())
+    sft_results = json.loads((results / "results.json").read_text())
     by = {e["model"]: e for e in sft_results["evaluations"]}
     sft = by["sft"]
     sft_logppl = sft["task_logppl"]["mean"]
@@ -209,7 +221,7 @@ def main() -> None:
             "optimum_mass_at_0": float(q[0]),
             "measured_gap": gap,
         }
-        if sft_mean_length < lo:  # "stop where SFT stops with probability s, else run to the cap", at mean lo
+        if sft_mean_length < lo:  # the mixture: SFT with probability s, SFT without end tokens otherwise; mean lo
             s = (cap - lo) / (cap - sft_mean_length)
             cost = float(((sft_per_example * n_scored - math.log(s)) / n_scored).mean()) - sft_logppl
             row["stop_or_never"] = {"s": s, "mean_length": lo, "gap": cost, "gap_over_sft": cost / sft_logppl}
@@ -267,7 +279,7 @@ def main() -> None:
     }
     if ends:
         out["ends"] = {"runs": ns.runs, **ends}
-    (RESULTS / "length_bound.json").write_text(json.dumps(out, indent=2) + "\n")
+    (results / "length_bound.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
