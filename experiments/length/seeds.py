@@ -60,6 +60,7 @@ SEED_RUNS = {
     # their seed
     "results_stop_prob": 0,
     "results_stop_prob_seed1": 1,
+    "results_stop_prob_seed2": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
@@ -96,6 +97,7 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_s_mu_seed4": {"l3m_medium": "shift"},
     "results_stop_prob": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_stop_prob_seed1": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_stop_prob_seed2": {"l3m_medium": "shift", "l3m_long": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
@@ -113,6 +115,7 @@ SETTINGS_OF = {
     "results_s_mu_seed4": "adam_beta1 0.5; barrier_s_power 1",
     "results_stop_prob": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
     "results_stop_prob_seed1": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
+    "results_stop_prob_seed2": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
