@@ -71,6 +71,11 @@ BASE_CONFIG = {
         # was the constraint's alone; with mu it is 25-31 and the task keeps a share. Over seeds medium cost +8.0% and
         # +8.0% with it against +15.9% and +11.7% (stop 25, README). The committed run before: results_s_mu2/
         "barrier_s_power": 1,
+        # (ours, an option; default "logodds") the direction of the `shift` estimator (medium, long; no other model
+        # reads it): every P(stop) scaled alike rather than every stop log-odds moved alike, which left P(stop) at the
+        # references' ends uneven. Cheaper in all 5 paired runs (medium seeds 0-2, long seeds 0-1; stop 27, README).
+        # The committed run before: results_logodds/
+        "shift_direction": "stop_prob",
         "max_length": 256,
         # (ours, documented in the README): an EMA over steps lowers the variance of the plug-in estimate of
         # C_i that sets lambda_i; with 16 samples per step the raw estimate is too noisy near a bound.

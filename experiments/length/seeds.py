@@ -21,7 +21,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
 SEED_RUNS = {
-    "results": 0,  # the committed run since stop 25: adam_beta1 0.5 for every model, barrier_s_power 1 for the L3Ms
+    # the committed run since stop 27: adam_beta1 0.5 for every model, barrier_s_power 1 for the L3Ms, shift_direction
+    # stop_prob for medium and long
+    "results": 0,
+    "results_logodds": 0,  # the committed run of stops 25-26 (shift_direction logodds)
     "results_s_mu2": 0,  # the committed run of stop 24: adam_beta1 0.5, the paper's s = mu**2
     "results_beta1_0.9": 0,  # the committed run of stops 22 and 23: adam_beta1 0.9 (transformers' default)
     "results_sequence": 0,  # the committed run until stop 22: every range with the sequence estimator
@@ -58,7 +61,6 @@ SEED_RUNS = {
     "results_s_mu_seed4": 4,
     # stop 27: medium and long with shift_direction stop_prob (every P(stop) scaled alike), beside the SFT model of
     # their seed
-    "results_stop_prob": 0,
     "results_stop_prob_seed1": 1,
     "results_stop_prob_seed2": 2,
 }
@@ -92,17 +94,22 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_beta1_0.5_seed3": {"l3m_medium": "shift"},
     "results_beta1_0.5_seed4": {"l3m_medium": "shift"},
     "results_s_mu_seed1": {"l3m_medium": "shift", "l3m_long": "shift"},
-    "results_s_mu_seed2": {"l3m_medium": "shift"},
+    "results_s_mu_seed2": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_s_mu_seed3": {"l3m_medium": "shift"},
     "results_s_mu_seed4": {"l3m_medium": "shift"},
-    "results_stop_prob": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_logodds": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_stop_prob_seed1": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_stop_prob_seed2": {"l3m_medium": "shift", "l3m_long": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
-SETTINGS_OF = {
-    "results": "adam_beta1 0.5; barrier_s_power 1",
+SETTINGS_OF: dict[str, str | dict[str, str]] = {
+    "results": {
+        "l3m_short": "adam_beta1 0.5; barrier_s_power 1",  # shift_direction enters only a `shift` constraint
+        "l3m_medium": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
+        "l3m_long": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
+    },
+    "results_logodds": "adam_beta1 0.5; barrier_s_power 1",
     "results_s_mu2": "adam_beta1 0.5",
     "results_beta1_0.5": "adam_beta1 0.5",
     "results_beta1_0.5_seed1": "adam_beta1 0.5",
@@ -113,7 +120,6 @@ SETTINGS_OF = {
     "results_s_mu_seed2": "adam_beta1 0.5; barrier_s_power 1",
     "results_s_mu_seed3": "adam_beta1 0.5; barrier_s_power 1",
     "results_s_mu_seed4": "adam_beta1 0.5; barrier_s_power 1",
-    "results_stop_prob": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
     "results_stop_prob_seed1": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
     "results_stop_prob_seed2": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
 }
@@ -186,17 +192,20 @@ def collect(root: Path = HERE) -> dict:
             if isinstance(gradient, dict):
                 gradient = gradient.get(name, "sequence")
             prompts = PROMPTS_OF.get(folder, 8)
+            settings = SETTINGS_OF.get(folder)
+            if isinstance(settings, dict):
+                settings = settings[name]
             notes = (
                 ([f"gradient: {gradient}"] if gradient != "sequence" else [])
                 + ([f"{prompts} prompts per step"] if prompts != 8 else [])
-                + ([SETTINGS_OF[folder]] if folder in SETTINGS_OF else [])
+                + ([settings] if settings else [])
             )
             rows.append(
                 {
                     "model": name,
                     "gradient": gradient,
                     "prompts_per_step": prompts,
-                    "settings": SETTINGS_OF.get(folder),
+                    "settings": settings,
                     "label": f"{name} ({'; '.join(notes)})" if notes else name,
                     "seed": seed,
                     "folder": folder,
