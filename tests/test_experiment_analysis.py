@@ -55,6 +55,18 @@ def test_length_bound_uses_the_per_token_optimum_as_its_zero():
     assert task_loss_excess(p, w, lengths, mean_best - 0.1, mean_best + 0.1)[0] == 0.0
 
 
+def test_yardstick_gap_is_what_stopping_with_probability_s_costs():
+    """The stop-or-never yardstick at SFT's own length costs nothing; at mean length m it stops with probability
+    s = (cap - m) / (cap - SFT's mean), and each reference of n scored tokens pays -log(s) / n: SFT's mean 10 and a
+    cap of 60 give s = 1/2 at m = 35, so references of 1 and 4 tokens pay log 2 and log 2 / 4: 5/8 log 2 on average."""
+    from length_bound import yardstick_gap
+
+    n = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    assert yardstick_gap(10.0, 10.0, n, 60) == pytest.approx(0.0)
+    assert yardstick_gap(10.0, 35.0, n, 60) == pytest.approx(math.log(2) * 5 / 8)
+    assert yardstick_gap(10.0, 40.0, n, 60) > yardstick_gap(10.0, 35.0, n, 60)
+
+
 def test_paired_difference_of_two_models_on_the_same_references():
     from l3m.evaluation import paired_difference
 

@@ -311,16 +311,26 @@ def test_stop_gradient_surrogate_is_the_stop_decisions_log_probability(tmp_path,
     assert_trainer_loss_matches(trainer, batch, model, surrogate)
 
 
-@pytest.mark.parametrize(("min_p", "direction"), [(0.0, "logodds"), (0.02, "logodds"), (0.02, "stop_prob")])
+@pytest.mark.parametrize(
+    ("min_p", "direction", "passed"),
+    [
+        (0.0, "logodds", 0.0),
+        (0.02, "logodds", 0.0),
+        (0.02, "stop_prob", 0.0),
+        (0.0, "logodds", 3.0),
+        (0.02, "stop_prob", 3.0),
+    ],
+)
 def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(
-    tmp_path, talking_model, counting_rows, min_p, direction
+    tmp_path, talking_model, counting_rows, min_p, direction, passed
 ):
     """``gradient: shift``: the surrogate is ``g * mean_t s_t`` with ``s_t`` the stop log-odds at each sampled
     decision and ``g = mean_j w_j sum_t (1[stop] - P_t(stop))``, computed here from a plain forward pass; ``g`` is
     the derivative of the weighted constraint under a uniform shift of the stop log-odds (checked against the
     analytic score of each sample's decisions); the mean counts the decisions with P(stop) >= shift_min_stop_prob;
     loss and gradient agree on both paths; loss_chunks is refused. With ``shift_direction: stop_prob`` each decision
-    gets the weight ``u_t = min(1 / (1 - P_t), cap)`` over its mean on the counted decisions, in ``g`` and the mean."""
+    gets the weight ``u_t = min(1 / (1 - P_t), cap)`` over its mean on the counted decisions, in ``g`` and the mean;
+    with ``shift_passed_end_weight`` w, ``u_t`` is also multiplied by ``1 + w (1 - prod_{tau < t} (1 - P_tau))``."""
     cap = 1.03  # 1 / (1 - P) with P = 0.03: this tiny model stops with P up to 0.05, so the cap is exercised
     args = tiny_args(
         tmp_path,
@@ -331,6 +341,7 @@ def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(
         shift_min_stop_prob=min_p,
         shift_direction=direction,
         shift_max_weight=cap,
+        shift_passed_end_weight=passed,
     )
     con = LengthConstraint(5, "max", gradient="shift")
     trainer = L3MTrainer(str(talking_model), args=args, train_dataset=counting_rows, constraints=[con])
@@ -356,13 +367,18 @@ def test_shift_gradient_surrogate_moves_every_stop_log_odds_alike(
         n += int(keep.sum())
         n_all += pos.numel()
     assert 0 < n <= n_all and (n == n_all) == (min_p == 0), (n, n_all)  # the floor leaves some decisions out
+    raw = [torch.ones_like(s.detach()) for s, _, _ in rows]
     if direction == "stop_prob":
         raw = [(1 / (1 - s.detach().sigmoid())).clamp(max=cap) for s, _, _ in rows]
         assert any(bool((r == cap).any()) for r in raw) and any(bool((r < cap).any()) for r in raw)
-        mean_u = sum(r[k].sum() for r, (_, _, k) in zip(raw, rows)) / n
-        us = [r / mean_u for r in raw]
-    else:
-        us = [torch.ones_like(s) for s, _, _ in rows]
+    if passed:
+        for j, (s, _, _) in enumerate(rows):
+            go = 1 - s.detach().sigmoid()
+            survival = torch.tensor([float(go[:t].prod()) for t in range(go.numel())])  # before decision t
+            assert survival[0] == 1 and bool((survival[1:] < 1).all())
+            raw[j] = raw[j] * (1 + passed * (1 - survival))
+    mean_u = sum(r[k].sum() for r, (_, _, k) in zip(raw, rows)) / n
+    us = [r / mean_u for r in raw]
     scores, logodds = [], []
     for (s, ends, keep), u in zip(rows, us):
         # d/d delta of log P(decisions) when every s_t gets + delta u_t: sum_t u_t (1[stop] - sigmoid(s_t)) at 0

@@ -211,3 +211,5 @@ def test_shift_direction_and_its_weight_cap_are_checked(tmp_path):
         tiny_args(tmp_path, shift_direction="uniform")
     with pytest.raises(ValueError, match="shift_max_weight"):
         tiny_args(tmp_path, shift_direction="stop_prob", shift_max_weight=0.5)
+    with pytest.raises(ValueError, match="shift_passed_end_weight must be >= 0"):
+        tiny_args(tmp_path, shift_passed_end_weight=-1)

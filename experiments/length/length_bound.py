@@ -32,6 +32,8 @@ same at every reference (``-log`` is convex: an uneven P(stop) costs more at the
     .venv/bin/python experiments/length/length_bound.py --runs runs/length   # table; writes results/length_bound.json
     .venv/bin/python experiments/length/length_bound.py --runs runs/length_stop_prob_seed1 \
         --results experiments/length/results_stop_prob_seed1        # another run's checkpoints and evaluations
+    .venv/bin/python experiments/length/length_bound.py --compare experiments/length/results \
+        experiments/length/results_logodds      # each run's cost against the yardstick at its own mean length
 
 It also scores the initial model on the same references, to show how much of SFT's improvement each L3M made.
 """
@@ -160,6 +162,36 @@ def end_stop_probs(model_dir: str, tok, heldout) -> dict:
     }
 
 
+def yardstick_gap(sft_mean_length: float, mean_length: float, n_scored: torch.Tensor, cap: int) -> float:
+    """The stop-or-never mixture's log-ppl above SFT's at a mean length between SFT's and the cap: with
+    ``s = (cap - mean) / (cap - SFT's mean)`` each reference pays ``-log(s) / n`` more (n its scored tokens)."""
+    s = (cap - mean_length) / (cap - sft_mean_length)
+    return float((-math.log(s) / n_scored).mean())
+
+
+def compare_to_yardstick(folders: list[Path], n_scored: torch.Tensor, cap: int) -> None:
+    """Each L3M whose range lies above SFT's length: its cost, and what the yardstick pays at its own mean length.
+
+    Why: runs that end at different held-out lengths are not comparable by cost alone (a longer mean costs more);
+    the difference "cost minus the yardstick's at the same length" is, as far as the yardstick's shape allows."""
+    print("| results | model | mean length | log-ppl / SFT | yardstick at that length | excess (nats) |")
+    print("|---|---|---|---|---|---|")
+    for folder in folders:
+        by = {e["model"]: e for e in json.loads((folder / "results.json").read_text())["evaluations"]}
+        sft = by["sft"]
+        for name, e in by.items():
+            lo = RANGES.get(name.removeprefix("l3m_"), (0, 0))[0]
+            if name == "sft" or lo <= sft["lengths"]["mean"]:
+                continue
+            m, sft_lp = e["lengths"]["mean"], sft["task_logppl"]["mean"]
+            gap = e["task_logppl"]["mean"] - sft_lp
+            y = yardstick_gap(sft["lengths"]["mean"], m, n_scored, cap)
+            print(
+                f"| {folder.name} | {name} | {m:.1f} | {100 * gap / sft_lp:+.1f}% | {100 * y / sft_lp:+.1f}% | "
+                f"{gap - y:+.3f} |"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=None, help="checkpoints of the committed run (runs/length), for the L3Ms' ends")
@@ -169,6 +201,14 @@ def main() -> None:
         help="results folder whose evaluations the checkpoints belong to; length_bound.json is written there "
         "(default: the committed run's)",
     )
+    ap.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="RESULTS_DIR",
+        help="instead: each L3M above SFT's length in these results folders against the stop-or-never yardstick at "
+        "its own held-out mean length (a comparison of runs that ended at different lengths); writes nothing",
+    )
     ns = ap.parse_args()
     results = Path(ns.results)
     torch.set_num_threads(1)
@@ -176,6 +216,11 @@ def main() -> None:
     examples = load_examples(str(DATA))
     _, heldout = split_heldout(examples, 0.2, seed=0)
     heldout = heldout[: EVAL["n_prompts"]]
+    if ns.compare:
+        feats = tokenize_examples(tok, heldout, max_length=256, what="held-out data")
+        n_scored = torch.tensor([sum(f["response_mask"][1:]) for f in feats], dtype=torch.float64)
+        compare_to_yardstick([Path(f) for f in ns.compare], n_scored, EVAL["max_new_tokens"])
+        return
     cap = EVAL["max_new_tokens"]
     n_ref = [len(tok(e.response, add_special_tokens=False)["input_ids"]) for e in heldout]
     lengths = torch.arange(cap + 1, dtype=torch.float64)  # cap stands for "cap or longer", as sampling clips

@@ -147,6 +147,17 @@ class L3MConfig(TrainingArguments):
             "decisions with P(stop) above 0.99 are moved as one at 0.99), which bounds the estimator's variance."
         },
     )
+    shift_passed_end_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Constraints with 'gradient: shift' (ours): a decision's push is also multiplied by "
+            "1 + shift_passed_end_weight * (1 - S_t), with S_t the probability, under the model, that the sample had "
+            "not stopped before it (the product of 1 - P(stop) over its earlier decisions), then normalised to a mean "
+            "of 1 as before. Why: a length bound above the model's own length is cheapest when the model stops at "
+            "each answer's end with some probability and, once past it, does not stop again (README, length_bound); "
+            "a uniform push lowers P(stop) at the end as much as after it. 0 (default): off."
+        },
+    )
     log_gradient_parts: bool = field(
         default=False,
         metadata={
@@ -222,6 +233,8 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"shift_direction must be 'logodds' or 'stop_prob', got {self.shift_direction!r}")
         if not self.shift_max_weight >= 1:
             raise ValueError(f"shift_max_weight must be >= 1, got {self.shift_max_weight}")
+        if not self.shift_passed_end_weight >= 0:
+            raise ValueError(f"shift_passed_end_weight must be >= 0, got {self.shift_passed_end_weight}")
         if self.log_gradient_parts and self.loss_chunks > 1:
             raise ValueError("log_gradient_parts needs the one-pass loss: set loss_chunks to 1")
         if self.max_new_tokens < 1:

@@ -853,13 +853,20 @@ class L3MTrainer(Trainer):
         keeps = [(r[:, 3] > 0) & (r[:, 1].detach() >= floor) for r in stop_rows]
         n = sum(int(k.sum()) for k in keeps)
         n_all = sum(int((r[:, 3] > 0).sum()) for r in stop_rows)
-        if self.args.shift_direction == "stop_prob":  # u_t = 1 / (1 - P_t), capped, with mean 1 on the counted ones
+        weights = [None] * len(stop_rows)
+        if self.args.shift_direction == "stop_prob":  # u_t = 1 / (1 - P_t), capped
             weights = [(1 + r[:, 1].detach().exp()).clamp(max=self.args.shift_max_weight) for r in stop_rows]
+        if self.args.shift_passed_end_weight > 0:  # u_t *= 1 + w (1 - S_t), S_t = prod_{tau < t} (1 - P_tau)
+            w_end = self.args.shift_passed_end_weight
+            passed = [self._passed_end(r) for r in stop_rows]
+            weights = [(1 + w_end * p) * (1 if u is None else u) for p, u in zip(passed, weights)]
+            self.record_metric(
+                "sample/shift_passed_end", sum(float(p[k].sum()) for p, k in zip(passed, keeps)) / max(n, 1)
+            )
+        if weights[0] is not None:  # mean 1 on the counted decisions
             mean_w = sum(float(w[k].sum()) for w, k in zip(weights, keeps)) / max(n, 1)
             weights = [w / max(mean_w, 1e-12) for w in weights]
             self.record_metric("sample/shift_mean_weight", mean_w, "samples")
-        else:
-            weights = [None] * len(stop_rows)
         scores, total = [], stop_rows[0].new_zeros(())
         for r, k, w in zip(stop_rows, keeps, weights):
             scores.append(r[:, 2].sum() if w is None else (w * r[:, 2]).sum())  # padding's score is 0
@@ -871,6 +878,15 @@ class L3MTrainer(Trainer):
         self.record_metric("sample/shift_dC_ddelta", float(g), "samples")
         self.record_metric("sample/mean_stop_logodds", float(mean_logodds.detach()), "samples")
         return g * mean_logodds
+
+    @staticmethod
+    def _passed_end(r: torch.Tensor) -> torch.Tensor:
+        """``1 - S_t`` per decision of one sample's stop rows: the model's probability (detached) that it would
+        have stopped before this decision, ``S_t = prod_{tau < t} (1 - P_tau)`` over the sample's earlier decisions
+        (all of them go decisions: a sample stops once)."""
+        log_dec = (r[:, 0] * r[:, 3]).detach()  # log P(the decision taken); 0 at padding
+        log_survival = torch.cumsum(log_dec, 0) - log_dec  # the sum over the earlier decisions only
+        return -torch.expm1(log_survival)
 
     def _log_gradient_parts(self, model, task_nll: torch.Tensor, surrogate: torch.Tensor) -> None:
         """The diagnostic ``log_gradient_parts``: the task gradient g_T and the constraints' g_C = sum_i lambda_i
