@@ -22,8 +22,9 @@ HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
 SEED_RUNS = {
     # the committed run since stop 27: adam_beta1 0.5 for every model, barrier_s_power 1 for the L3Ms, shift_direction
-    # stop_prob for medium and long
+    # stop_prob for medium and long, and since stop 28 shift_passed_end_weight 4 for long
     "results": 0,
+    "results_stop27": 0,  # the committed run of stop 27 (long without shift_passed_end_weight)
     "results_logodds": 0,  # the committed run of stops 25-26 (shift_direction logodds)
     "results_s_mu2": 0,  # the committed run of stop 24: adam_beta1 0.5, the paper's s = mu**2
     "results_beta1_0.9": 0,  # the committed run of stops 22 and 23: adam_beta1 0.9 (transformers' default)
@@ -63,12 +64,17 @@ SEED_RUNS = {
     # their seed
     "results_stop_prob_seed1": 1,
     "results_stop_prob_seed2": 2,
+    # stop 28: long with shift_passed_end_weight 4 (and 12, seed 0) on top of stop_prob, beside its seed's SFT model
+    "results_passed_end12": 0,
+    "results_passed_end4_seed1": 1,
+    "results_passed_end4_seed2": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
 GRADIENT_OF: dict[str, str | dict[str, str]] = {
     # the committed run since stop 22: each range its own estimator (run.py's GRADIENTS)
     "results": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_stop27": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_s_mu2": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_beta1_0.9": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_gm_shift": "shift (l_min) + sequence (l_max)",
@@ -100,14 +106,23 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_logodds": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_stop_prob_seed1": {"l3m_medium": "shift", "l3m_long": "shift"},
     "results_stop_prob_seed2": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_passed_end12": {"l3m_long": "shift"},
+    "results_passed_end4_seed1": {"l3m_long": "shift"},
+    "results_passed_end4_seed2": {"l3m_long": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
+_STOP_PROB = "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob"
 SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results": {
         "l3m_short": "adam_beta1 0.5; barrier_s_power 1",  # shift_direction enters only a `shift` constraint
-        "l3m_medium": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
-        "l3m_long": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
+        "l3m_medium": _STOP_PROB,
+        "l3m_long": _STOP_PROB + "; shift_passed_end_weight 4",
+    },
+    "results_stop27": {
+        "l3m_short": "adam_beta1 0.5; barrier_s_power 1",
+        "l3m_medium": _STOP_PROB,
+        "l3m_long": _STOP_PROB,
     },
     "results_logodds": "adam_beta1 0.5; barrier_s_power 1",
     "results_s_mu2": "adam_beta1 0.5",
@@ -122,6 +137,9 @@ SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results_s_mu_seed4": "adam_beta1 0.5; barrier_s_power 1",
     "results_stop_prob_seed1": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
     "results_stop_prob_seed2": "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob",
+    "results_passed_end12": _STOP_PROB + "; shift_passed_end_weight 12",
+    "results_passed_end4_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
+    "results_passed_end4_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
@@ -152,6 +170,11 @@ COMPARE = [
     (
         "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob)",
         "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1)",
+    ),
+    (
+        "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
+        "shift_passed_end_weight 4)",
+        "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob)",
     ),
 ]
 
