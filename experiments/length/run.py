@@ -44,8 +44,8 @@ RANGES = {"short": (3, 10), "medium": (20, 30), "long": (35, 50)}
 GRADIENTS = {"short": "sequence", "medium": "shift", "long": "shift"}
 # Training settings of one range alone, on top of BASE_CONFIG's (ours; README, "Stop 28"): long pushes harder against
 # stopping once past a likely end (shift_passed_end_weight 4: over seeds 0-2 paired against the committed run of stop
-# 27, -0.020 +- 0.008, -0.024 +- 0.008, -0.008 +- 0.009 nats). Tried on long only; medium and short do not use it.
-# The committed run before: results_stop_prob_long/ (long) with `--set shift_passed_end_weight=0`.
+# 27, -0.020 +- 0.008, -0.024 +- 0.008, -0.008 +- 0.009 nats). Chosen on long; medium tried once afterwards (seed 0,
+# results_passed_end4_medium/: -0.021 +- 0.005), not yet its setting. The committed run before: results_stop27/.
 RANGE_TRAINING = {"long": {"shift_passed_end_weight": 4}}
 
 BASE_CONFIG = {

@@ -68,6 +68,7 @@ SEED_RUNS = {
     "results_passed_end12": 0,
     "results_passed_end4_seed1": 1,
     "results_passed_end4_seed2": 2,
+    "results_passed_end4_medium": 0,  # medium with shift_passed_end_weight 4 (not the committed setting for medium)
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
@@ -109,6 +110,7 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end12": {"l3m_long": "shift"},
     "results_passed_end4_seed1": {"l3m_long": "shift"},
     "results_passed_end4_seed2": {"l3m_long": "shift"},
+    "results_passed_end4_medium": {"l3m_medium": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
@@ -140,6 +142,7 @@ SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end12": _STOP_PROB + "; shift_passed_end_weight 12",
     "results_passed_end4_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
+    "results_passed_end4_medium": _STOP_PROB + "; shift_passed_end_weight 4",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
@@ -175,6 +178,11 @@ COMPARE = [
         "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
         "shift_passed_end_weight 4)",
         "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob)",
+    ),
+    (
+        "l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
+        "shift_passed_end_weight 4)",
+        "l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob)",
     ),
 ]
 
