@@ -22,9 +22,9 @@ HERE = Path(__file__).resolve().parent
 # folder -> the training seed its models were made with (held-out split seed 0 and evaluation seed 1 in all)
 SEED_RUNS = {
     # the committed run since stop 27: adam_beta1 0.5 for every model, barrier_s_power 1 for the L3Ms, shift_direction
-    # stop_prob for medium and long, and since stop 28 shift_passed_end_weight 4 for long
+    # stop_prob for medium and long, and shift_passed_end_weight 4 for long (since stop 28) and medium (stop 29)
     "results": 0,
-    "results_stop27": 0,  # the committed run of stop 27 (long without shift_passed_end_weight)
+    "results_stop27": 0,  # the committed run of stop 27 (medium and long without shift_passed_end_weight)
     "results_logodds": 0,  # the committed run of stops 25-26 (shift_direction logodds)
     "results_s_mu2": 0,  # the committed run of stop 24: adam_beta1 0.5, the paper's s = mu**2
     "results_beta1_0.9": 0,  # the committed run of stops 22 and 23: adam_beta1 0.9 (transformers' default)
@@ -68,7 +68,9 @@ SEED_RUNS = {
     "results_passed_end12": 0,
     "results_passed_end4_seed1": 1,
     "results_passed_end4_seed2": 2,
-    "results_passed_end4_medium": 0,  # medium with shift_passed_end_weight 4 (not the committed setting for medium)
+    # stop 29: medium with shift_passed_end_weight 4, seeds 1 and 2 (seed 0's, stop 28, is results/'s medium)
+    "results_passed_end4_medium_seed1": 1,
+    "results_passed_end4_medium_seed2": 2,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
@@ -110,7 +112,8 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end12": {"l3m_long": "shift"},
     "results_passed_end4_seed1": {"l3m_long": "shift"},
     "results_passed_end4_seed2": {"l3m_long": "shift"},
-    "results_passed_end4_medium": {"l3m_medium": "shift"},
+    "results_passed_end4_medium_seed1": {"l3m_medium": "shift"},
+    "results_passed_end4_medium_seed2": {"l3m_medium": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
@@ -118,7 +121,7 @@ _STOP_PROB = "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob"
 SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results": {
         "l3m_short": "adam_beta1 0.5; barrier_s_power 1",  # shift_direction enters only a `shift` constraint
-        "l3m_medium": _STOP_PROB,
+        "l3m_medium": _STOP_PROB + "; shift_passed_end_weight 4",
         "l3m_long": _STOP_PROB + "; shift_passed_end_weight 4",
     },
     "results_stop27": {
@@ -142,7 +145,8 @@ SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end12": _STOP_PROB + "; shift_passed_end_weight 12",
     "results_passed_end4_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
-    "results_passed_end4_medium": _STOP_PROB + "; shift_passed_end_weight 4",
+    "results_passed_end4_medium_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
+    "results_passed_end4_medium_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
