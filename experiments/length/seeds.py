@@ -71,6 +71,7 @@ SEED_RUNS = {
     # stop 29: medium with shift_passed_end_weight 4, seeds 1 and 2 (seed 0's, stop 28, is results/'s medium)
     "results_passed_end4_medium_seed1": 1,
     "results_passed_end4_medium_seed2": 2,
+    "results_steps90": 0,  # stop 29: SFT and long (committed settings) with 90 optimiser steps instead of 60
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
@@ -114,6 +115,7 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end4_seed2": {"l3m_long": "shift"},
     "results_passed_end4_medium_seed1": {"l3m_medium": "shift"},
     "results_passed_end4_medium_seed2": {"l3m_medium": "shift"},
+    "results_steps90": {"l3m_long": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
@@ -147,6 +149,7 @@ SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end4_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_medium_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_medium_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
+    "results_steps90": _STOP_PROB + "; shift_passed_end_weight 4; 90 steps",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
