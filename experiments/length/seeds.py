@@ -68,6 +68,7 @@ SEED_RUNS = {
     "results_passed_end12": 0,
     "results_passed_end4_seed1": 1,
     "results_passed_end4_seed2": 2,
+    "results_passed_end4_seed3": 3,  # stop 29: long, committed settings, seed 3
     # stop 29: medium with shift_passed_end_weight 4, seeds 1 and 2 (seed 0's, stop 28, is results/'s medium)
     "results_passed_end4_medium_seed1": 1,
     "results_passed_end4_medium_seed2": 2,
@@ -113,6 +114,7 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end12": {"l3m_long": "shift"},
     "results_passed_end4_seed1": {"l3m_long": "shift"},
     "results_passed_end4_seed2": {"l3m_long": "shift"},
+    "results_passed_end4_seed3": {"l3m_long": "shift"},
     "results_passed_end4_medium_seed1": {"l3m_medium": "shift"},
     "results_passed_end4_medium_seed2": {"l3m_medium": "shift"},
     "results_steps90": {"l3m_long": "shift"},
@@ -147,6 +149,7 @@ SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end12": _STOP_PROB + "; shift_passed_end_weight 12",
     "results_passed_end4_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
+    "results_passed_end4_seed3": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_medium_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_medium_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_steps90": _STOP_PROB + "; shift_passed_end_weight 4; 90 steps",
