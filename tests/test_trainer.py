@@ -185,6 +185,33 @@ def test_gradient_parts_add_up_to_the_logged_gradient_norm(tmp_path, talking_mod
         tiny_args(tmp_path, log_gradient_parts=True, loss_chunks=2)
 
 
+def test_clip_each_part_clips_the_task_and_constraint_gradients_apart(tmp_path, talking_model, counting_rows):
+    """clip_each_part: at the first step (same weights and samples) the two parts' norms are those the one-pass
+    diagnostic measures, and the optimiser's gradient is the sum of the two, each clipped to max_grad_norm."""
+    kw = dict(max_steps=2, per_device_train_batch_size=4, num_generations=2, max_new_tokens=16, logging_steps=1)
+    first = {}
+    for name, flags in (("parts", {"log_gradient_parts": True}), ("clip", {"clip_each_part": True})):
+        trainer = L3MTrainer(
+            str(talking_model),
+            args=tiny_args(tmp_path / name, max_grad_norm=0.5, **flags, **kw),
+            train_dataset=counting_rows * 2,
+            constraints=[LengthConstraint(3, "max", scale=4)],  # violated: lambda is large
+        )
+        trainer.train()
+        first[name] = [h for h in trainer.state.log_history if "task_nll" in h][0]
+    diag, clip = first["parts"], first["clip"]
+    t, c, cos = diag["grad_parts/task_norm"], diag["grad_parts/constraints_norm"], diag["grad_parts/cosine"]
+    assert clip["grad_parts/task_norm"] == pytest.approx(t, rel=1e-3)
+    assert clip["grad_parts/constraints_norm"] == pytest.approx(c, rel=1e-3)
+    assert c > 0.5 and t > 0  # the constraints' part is clipped at least
+    a, b = min(t, 0.5), min(c, 0.5)
+    assert clip["grad_norm"] == pytest.approx((a * a + b * b + 2 * cos * a * b) ** 0.5, rel=1e-3)
+    assert clip["task_nll"] == pytest.approx(diag["task_nll"], rel=1e-4)
+    for bad in ({"loss_chunks": 2}, {"gradient_accumulation_steps": 2}):
+        with pytest.raises(ValueError, match="clip_each_part needs"):
+            tiny_args(tmp_path, clip_each_part=True, **bad)
+
+
 @pytest.mark.parametrize("power", [2.0, 1.0])
 def test_barrier_s_power_sets_lambda_of_a_violated_constraint(tmp_path, tiny_model, counting_rows, power):
     # a limit of 1 token: every sample of the random tiny model is longer, so the constraint is violated each step

@@ -166,7 +166,21 @@ class L3MConfig(TrainingArguments):
             "and the task's share of the whole gradient's norm (grad_parts/task_share), before clipping. Shows when "
             "the constraints' noisy score-function gradient takes most of each (clipped, Adam-normalised) update and "
             "the task loss moves slowly. Costs two extra backward passes per micro-batch; norms are per process and "
-            "micro-batch. Not with loss_chunks, DeepSpeed or FSDP."
+            "micro-batch. Not with loss_chunks, DeepSpeed or FSDP; under clip_each_part only the two norms are "
+            "logged, from that option's own passes."
+        },
+    )
+    clip_each_part: bool = field(
+        default=False,
+        metadata={
+            "help": "(ours) Clip the task loss's gradient and the constraints' surrogate gradient each to "
+            "max_grad_norm before adding them; the sum is then clipped to max_grad_norm as usual. Why: in a step "
+            "whose estimate is infeasible the constraints' gradient can be 10-100 times the task's, and one clip of "
+            "the sum hands that step's whole update to the constraints (README, 'the task's share'); clipped apart, "
+            "the task keeps at least about half of every update. Costs a second forward of the task rows' prompts. "
+            "Logs grad_parts/task_norm and grad_parts/constraints_norm (before clipping). Needs "
+            "gradient_accumulation_steps 1 and loss_chunks 1; not with fp16, DeepSpeed or FSDP. False (default): the "
+            "method's one gradient."
         },
     )
     method: str = field(
@@ -237,6 +251,10 @@ class L3MConfig(TrainingArguments):
             raise ValueError(f"shift_passed_end_weight must be >= 0, got {self.shift_passed_end_weight}")
         if self.log_gradient_parts and self.loss_chunks > 1:
             raise ValueError("log_gradient_parts needs the one-pass loss: set loss_chunks to 1")
+        if self.clip_each_part and (self.gradient_accumulation_steps != 1 or self.loss_chunks != 1 or self.fp16):
+            raise ValueError("clip_each_part needs gradient_accumulation_steps 1, loss_chunks 1 and no fp16")
+        if self.clip_each_part and not (self.max_grad_norm and self.max_grad_norm > 0):
+            raise ValueError(f"clip_each_part needs max_grad_norm > 0, got {self.max_grad_norm}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self.method not in ("l3m", "minimax"):

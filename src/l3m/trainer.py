@@ -185,6 +185,14 @@ class L3MTrainer(Trainer):
                 f"training.loss_chunks = {args.loss_chunks} splits each micro-batch's backward in several, which "
                 "DeepSpeed and FSDP do not support here; use gradient_accumulation_steps to save memory there"
             )
+        if args.clip_each_part and (
+            getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+        ):
+            raise L3MUserError(
+                "training.clip_each_part clips the task's and the constraints' gradients apart, which needs whole "
+                "gradients on each process: not with DeepSpeed or FSDP"
+            )
+        self._loss_part: str | None = None  # clip_each_part: "task" or "samples" while that part's loss is built
         self.minimax = None  # method "minimax": the MM baseline's multipliers, reference model and hooks
         if args.method == "minimax":
             from l3m.minimax import Minimax
@@ -797,11 +805,12 @@ class L3MTrainer(Trainer):
         return weights
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        has_samples = "sample_input_ids" in inputs
+        part = self._loss_part  # clip_each_part: one of the two parts only
+        has_samples = "sample_input_ids" in inputs and part != "task"
         if model.training and not self.args.task_loss and not self.constraints:
             raise L3MUserError("training.task_loss is false and there are no constraints: nothing to optimise")
         # without the task loss (task_loss=False) the task batch still gives the eval loss, never the training one
-        has_task = "input_ids" in inputs and (self.args.task_loss or not has_samples)
+        has_task = "input_ids" in inputs and (self.args.task_loss or not has_samples) and part != "samples"
         rows = self._loss_logprobs(model, inputs, has_task, has_samples)
         n_task = inputs["input_ids"].shape[0] if has_task else 0
         loss = rows[0].new_zeros(())
@@ -1001,6 +1010,8 @@ class L3MTrainer(Trainer):
         its share of the micro-batch's (task mean and sample mean weighted by its rows), so the gradients add up
         to the one-pass gradient, while only one chunk's activations are alive at a time. With several processes
         the chunks before the last skip the gradient all-reduce, as accumulation micro-batches do."""
+        if self.args.clip_each_part and self.args.task_loss and "sample_input_ids" in inputs:
+            return self._clipped_parts_step(model, inputs, num_items_in_batch)
         chunks = self._loss_chunks(inputs)
         if chunks is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -1018,6 +1029,39 @@ class L3MTrainer(Trainer):
                 self._metrics[key].append(value)
         finally:
             self._chunk_shares = self._chunk_metrics = None
+        return total
+
+    def _clipped_parts_step(self, model, inputs, num_items_in_batch=None):
+        """``clip_each_part``: the task loss and the constraints' surrogate, each with its own forward and backward;
+        each gradient is clipped to ``max_grad_norm`` and the two are added (the optimiser then clips the sum as
+        usual). The task rows get a forward of their own (their prompts are not shared with the samples'), so the two
+        backward passes together cost what one does."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.grad for p in params]  # gradients already there (none, with accumulation 1), kept as they are
+        parts, total = [], None
+        try:
+            for part in ("task", "samples"):
+                for p in params:
+                    p.grad = None
+                self._loss_part = part
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                total = loss if total is None else total + loss
+                parts.append([p.grad for p in params])
+        finally:
+            self._loss_part = None
+        g_t, g_c = parts
+        norm_t = _global_norm(g_t)
+        norm_c = _global_norm(g_c)
+        c = float(self.args.max_grad_norm)
+        scale_t, scale_c = min(1.0, c / (norm_t + 1e-6)), min(1.0, c / (norm_c + 1e-6))
+        for p, old, a, b in zip(params, before, g_t, g_c):
+            grad = old
+            for g, scale in ((a, scale_t), (b, scale_c)):
+                if g is not None:
+                    grad = g * scale if grad is None else grad + g * scale
+            p.grad = grad
+        self._metrics["grad_parts/task_norm"].append(norm_t)
+        self._metrics["grad_parts/constraints_norm"].append(norm_c)
         return total
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -1167,6 +1211,11 @@ class L3MTrainer(Trainer):
             }
             for c in self.constraints
         ]
+
+
+def _global_norm(grads: list[torch.Tensor | None]) -> float:
+    """The 2-norm of a list of gradients taken together (None: a parameter the loss did not reach)."""
+    return math.sqrt(sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None))
 
 
 def _per_position(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
