@@ -13,6 +13,8 @@ number of samples per prompt, longest completion, batch, optimiser and schedule,
   a frozen copy of the same initial model; ``l3m_sft_chunks4`` and ``mm_chunks4``: L3M and MM with
   ``loss_chunks=4`` (each micro-batch back-propagated one prompt at a time). For the memory claim "no reference
   model": ``--trainers l3m_sft,mm,l3m_sft_chunks4,mm_chunks4``.
+* ``l3m_sft_clip`` (on request): L3M with its SFT term and ``clip_each_part`` (the task's and the constraints'
+  gradients clipped apart, each with its own forward and backward): ``--trainers l3m_sft,l3m_sft_clip``.
 
 Each trainer lives in its own worker process and trains with ``Trainer.train()``; a callback holds it at the end
 of every optimiser step until the parent says "go", so the steps alternate (A B C A B C ...) and never overlap.
@@ -57,6 +59,8 @@ TRAINERS = {
     "mm": "minimax (MM), reference model in memory",
     "l3m_sft_chunks4": "L3MTrainer, with the SFT term, loss_chunks=4",
     "mm_chunks4": "minimax (MM), loss_chunks=4",
+    # the task's and the constraints' gradients clipped apart (a second forward of the task rows' prompts)
+    "l3m_sft_clip": "L3MTrainer, with the SFT term, clip_each_part",
 }
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 TARGET_NOSFT = ">= 1.2x speed, <= 1.0x memory"
@@ -166,6 +170,7 @@ def worker(name: str, cfg: dict, conn) -> None:
             task_loss=name.startswith("l3m_sft"),
             method="minimax" if name.startswith("mm") else "l3m",
             loss_chunks=4 if name.endswith("_chunks4") else 1,
+            clip_each_part=name.endswith("_clip"),
         )
         trainer = L3MTrainer(
             model,
@@ -307,6 +312,7 @@ def comparisons(result: dict) -> list[tuple[str, str, str]]:
         out += [(n, "grpo", "") for n in ("l3m_nosft_plain", "l3m_sft_plain") if n in names]
     out += [(n, n + "_plain", "") for n in ("l3m_nosft", "l3m_sft") if n in names and n + "_plain" in names]
     pairs = [("l3m_sft", "mm"), ("l3m_sft_chunks4", "mm_chunks4"), ("l3m_sft_chunks4", "l3m_sft"), ("mm_chunks4", "mm")]
+    pairs.append(("l3m_sft_clip", "l3m_sft"))
     out += [(a, b, "") for a, b in pairs if a in names and b in names]
     return out
 

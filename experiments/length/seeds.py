@@ -24,6 +24,7 @@ SEED_RUNS = {
     # the committed run since stop 27: adam_beta1 0.5 for every model, barrier_s_power 1 for the L3Ms, shift_direction
     # stop_prob for medium and long, and shift_passed_end_weight 4 for long (since stop 28) and medium (stop 29)
     "results": 0,
+    "results_stop29": 0,  # the committed run of stop 29 (long without clip_each_part)
     "results_stop27": 0,  # the committed run of stop 27 (medium and long without shift_passed_end_weight)
     "results_logodds": 0,  # the committed run of stops 25-26 (shift_direction logodds)
     "results_s_mu2": 0,  # the committed run of stop 24: adam_beta1 0.5, the paper's s = mu**2
@@ -73,6 +74,12 @@ SEED_RUNS = {
     "results_passed_end4_medium_seed1": 1,
     "results_passed_end4_medium_seed2": 2,
     "results_steps90": 0,  # stop 29: SFT and long (committed settings) with 90 optimiser steps instead of 60
+    # stop 30: long (seeds 1-3) and medium (seed 0) with clip_each_part, each beside its seed's SFT model (seed 0's
+    # long is results/'s)
+    "results_clip_parts_seed1": 1,
+    "results_clip_parts_seed2": 2,
+    "results_clip_parts_seed3": 3,
+    "results_clip_parts_medium": 0,
 }
 # folders whose L3Ms used another gradient estimator for their length constraints (run.py --gradient): one for the
 # folder, or one per model; the rest: "sequence", the method's. Each estimator is summarised on its own.
@@ -118,6 +125,11 @@ GRADIENT_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end4_medium_seed1": {"l3m_medium": "shift"},
     "results_passed_end4_medium_seed2": {"l3m_medium": "shift"},
     "results_steps90": {"l3m_long": "shift"},
+    "results_stop29": {"l3m_medium": "shift", "l3m_long": "shift"},
+    "results_clip_parts_seed1": {"l3m_long": "shift"},
+    "results_clip_parts_seed2": {"l3m_long": "shift"},
+    "results_clip_parts_seed3": {"l3m_long": "shift"},
+    "results_clip_parts_medium": {"l3m_medium": "shift"},
 }
 # folders trained with other optimiser settings (run.py --set KEY=VALUE), for their SFT model as for their L3Ms: each
 # L3M there is compared with the SFT model of its own folder, trained with the same settings
@@ -125,6 +137,11 @@ _STOP_PROB = "adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob"
 SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results": {
         "l3m_short": "adam_beta1 0.5; barrier_s_power 1",  # shift_direction enters only a `shift` constraint
+        "l3m_medium": _STOP_PROB + "; shift_passed_end_weight 4",
+        "l3m_long": _STOP_PROB + "; shift_passed_end_weight 4; clip_each_part",
+    },
+    "results_stop29": {
+        "l3m_short": "adam_beta1 0.5; barrier_s_power 1",
         "l3m_medium": _STOP_PROB + "; shift_passed_end_weight 4",
         "l3m_long": _STOP_PROB + "; shift_passed_end_weight 4",
     },
@@ -153,6 +170,10 @@ SETTINGS_OF: dict[str, str | dict[str, str]] = {
     "results_passed_end4_medium_seed1": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_passed_end4_medium_seed2": _STOP_PROB + "; shift_passed_end_weight 4",
     "results_steps90": _STOP_PROB + "; shift_passed_end_weight 4; 90 steps",
+    "results_clip_parts_seed1": _STOP_PROB + "; shift_passed_end_weight 4; clip_each_part",
+    "results_clip_parts_seed2": _STOP_PROB + "; shift_passed_end_weight 4; clip_each_part",
+    "results_clip_parts_seed3": _STOP_PROB + "; shift_passed_end_weight 4; clip_each_part",
+    "results_clip_parts_medium": _STOP_PROB + "; shift_passed_end_weight 4; clip_each_part",
 }
 # folders whose L3Ms sampled more prompts per step than the task batch (run.py --set prompt_batch_size=N)
 PROMPTS_OF = {"results_p16_stop": 16, "results_p16_stop_seed2_medium": 16}
@@ -193,6 +214,18 @@ COMPARE = [
         "l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
         "shift_passed_end_weight 4)",
         "l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob)",
+    ),
+    (
+        "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
+        "shift_passed_end_weight 4; clip_each_part)",
+        "l3m_long (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
+        "shift_passed_end_weight 4)",
+    ),
+    (
+        "l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
+        "shift_passed_end_weight 4; clip_each_part)",
+        "l3m_medium (gradient: shift; adam_beta1 0.5; barrier_s_power 1; shift_direction stop_prob; "
+        "shift_passed_end_weight 4)",
     ),
 ]
 
