@@ -48,8 +48,9 @@ GRADIENTS = {"short": "sequence", "medium": "shift", "long": "shift"}
 # 28); medium seeds 0-2 -0.021 +- 0.005, -0.008 +- 0.002, -0.006 +- 0.005 (stop 29). Short's `sequence` estimator
 # does not read it. The committed runs before: results_stop27/ (both without it), then long alone (stop 28).
 # Long also clips its task and constraint gradients apart (clip_each_part; README, "Stop 30"): paired against the
-# same seed without it -0.022 +- 0.007, -0.014 +- 0.008, -0.005 +- 0.011 nats (seeds 0-2), and 0.012-0.016 nats
-# cheaper beyond the stop-or-never yardstick at its own length in each. The committed long before: results_stop29/.
+# same seed without it -0.022 +- 0.007, -0.013 +- 0.008, -0.005 +- 0.011, -0.025 +- 0.005 nats (seeds 0-3), and
+# 0.012-0.017 nats cheaper beyond the stop-or-never yardstick at its own length in each. The committed long before:
+# results_stop29/. Medium with it once (seed 0): -0.005 +- 0.005, not adopted on one seed.
 RANGE_TRAINING = {
     "medium": {"shift_passed_end_weight": 4},
     "long": {"shift_passed_end_weight": 4, "clip_each_part": True},
