@@ -17,7 +17,7 @@ cat > /tmp/cfg.yaml <<'Y'
 model: /tmp/tiny
 data: {train: builtin}
 constraints: [{kind: length, max: 20}]
-training: {output_dir: /tmp/run, max_steps: 4, save_steps: 2, per_device_train_batch_size: 4, num_generations: 2, max_new_tokens: 16, learning_rate: 1.0e-3, fixed_forward_calls: true, disable_tqdm: true}
+training: {output_dir: /tmp/run, max_steps: 4, save_steps: 2, per_device_train_batch_size: 4, num_generations: 2, max_new_tokens: 16, learning_rate: 1.0e-3, disable_tqdm: true}
 Y
 L="accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 1 --main_process_port 29555 -m l3m.cli train /tmp/cfg.yaml"
 $L 2>&1 | grep -v Warning | tail -25

@@ -34,8 +34,9 @@ def make_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
     return path
 
 
-def tiny_args(tmp_path, **kw):
-    """L3MConfig for the tiny test models: a few short samples, no checkpoints, CPU, seed 0; ``kw`` overrides."""
+def tiny_args(tmp_path, config_class=None, **kw):
+    """An L3MConfig (or ``config_class``, a subclass) for the tiny test models: a few short samples, no checkpoints,
+    CPU, seed 0; ``kw`` overrides."""
     from l3m import L3MConfig
 
     base = dict(
@@ -50,4 +51,4 @@ def tiny_args(tmp_path, **kw):
         seed=0,
     )
     base.update(kw)
-    return L3MConfig(**base)
+    return (config_class or L3MConfig)(**base)

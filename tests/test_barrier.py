@@ -106,3 +106,19 @@ def test_multipliers_are_barrier_slope_over_m():
     assert torch.allclose(lam, torch.tensor([0.1 / 2, 0.1 / 0.01, 0.1 / 0.01], dtype=torch.float64) / 3)
     # approximate complementary slackness in the log branch: lambda * (-C) = mu / m
     assert math.isclose(float(lam[0] * 2.0), 0.1 / 3)
+
+
+def test_relaxation_point_s_other_than_mu_squared():
+    """The s of the experimental barrier_s_power (s = mu**p): the same formula with that s; with s = mu a violated
+    constraint's multiplier is mu / (m * mu) = 1 / m at every mu."""
+    g = torch.Generator().manual_seed(1)
+    for mu in (1.0, 0.3, 0.05):
+        s = mu
+        z = torch.empty(32, dtype=torch.float64).uniform_(-3, 3, generator=g)
+        ref = torch.tensor([reference_barrier(float(v), mu, s) for v in z], dtype=torch.float64)
+        assert torch.allclose(relaxed_log_barrier(z, mu, s), ref, atol=1e-9, rtol=0)
+        assert torch.allclose(relaxed_log_barrier_grad(z, mu, s), mu / torch.clamp(-z, min=s), atol=1e-9, rtol=0)
+        violated = torch.tensor([0.5, 2.0, 40.0], dtype=torch.float64)
+        assert torch.allclose(lagrange_multipliers(violated, mu, s), torch.full((3,), 1 / 3, dtype=torch.float64))
+        # the paper's s = mu**2 gives 1 / (m mu) instead: a wall that grows as mu falls
+        assert torch.allclose(lagrange_multipliers(violated, mu), torch.full((3,), 1 / (3 * mu), dtype=torch.float64))

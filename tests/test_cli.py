@@ -32,6 +32,13 @@ def data_file(tmp_path):
         ({"modle": "x"}, "did you mean 'model'"),
         ({"data": {"heldout_seed": "one"}}, "data.heldout_seed must be an integer, got 'one'"),
         ({"model": "/no/such/model/dir"}, "model directory '/no/such/model/dir' does not exist"),
+        # the method is a top-level key, and each method takes the fields of its own config class
+        ({"method": "ppo"}, "method must be one of l3m, minimax, experimental, got 'ppo'"),
+        ({"training": {"method": "minimax"}}, "training.method: the method is a top-level key (method: minimax)"),
+        ({"training": {"barrier_s_power": 1}}, "training: unknown key 'barrier_s_power'"),
+        ({"training": {"beta": 0.1}}, "training: unknown key 'beta'"),
+        ({"method": "minimax", "training": {"bta": 0.1}}, "unknown key 'bta' (did you mean 'beta'"),
+        ({"method": "experimental", "training": {"average_tial": 0.5}}, "(did you mean 'average_tail'"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, data_file, capsys, patch, message):
@@ -95,3 +102,40 @@ def test_heldout_split_stays_put_when_the_training_seed_changes(tmp_path, tiny_m
 
     assert heldout(seed=0) == heldout(seed=1)
     assert heldout(seed=1, data={"heldout_seed": 1}) != heldout(seed=1)
+
+
+def test_method_picks_the_config_and_trainer_classes(tmp_path, tiny_model, counting_rows):
+    """``method:`` at the top of a run config chooses the classes; ``training:`` sets the fields of that class."""
+    from l3m import L3MConfig, L3MTrainer
+    from l3m.cli import build_run
+    from l3m.experimental import ExperimentalL3MConfig, ExperimentalL3MTrainer
+    from l3m.minimax import MinimaxConfig, MinimaxTrainer
+    from l3m.runconfig import load_run_config
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in counting_rows))
+
+    def run(method, **training):
+        cfg = {
+            "model": str(tiny_model),
+            "data": {"train": str(data)},
+            "training": {"output_dir": str(tmp_path / "o"), "use_cpu": True, **training},
+        }
+        if method is not None:
+            cfg["method"] = method
+        return build_run(load_run_config(write_cfg(tmp_path, cfg), []))
+
+    plain = run(None)
+    assert plain["trainer_class"] is L3MTrainer and type(plain["args"]) is L3MConfig
+    assert run("l3m")["trainer_class"] is L3MTrainer
+    mm = run("minimax", beta=0.2, multiplier_update="log")
+    assert mm["trainer_class"] is MinimaxTrainer and isinstance(mm["args"], MinimaxConfig)
+    assert (mm["args"].beta, mm["args"].multiplier_update) == (0.2, "log")
+    exp = run("experimental", barrier_s_power=1, average_tail=0.25)
+    assert exp["trainer_class"] is ExperimentalL3MTrainer and isinstance(exp["args"], ExperimentalL3MConfig)
+    assert (exp["args"].barrier_s_power, exp["args"].average_tail) == (1, 0.25)
+    # a value the class refuses is a user error naming the section
+    from l3m.errors import L3MUserError
+
+    with pytest.raises(L3MUserError, match="training: .*barrier_s_power must be > 0"):
+        run("experimental", barrier_s_power=0)

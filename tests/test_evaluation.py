@@ -9,7 +9,7 @@ from l3m.cli import main
 from l3m.constraints import LengthConstraint, SampleBatch
 from l3m.errors import L3MUserError
 from l3m.evaluation import (
-    Samples,
+    MODEL_COLUMNS,
     bootstrap_ci,
     constraint_report,
     length_stats,
@@ -18,6 +18,7 @@ from l3m.evaluation import (
     training_warnings,
     verdict,
 )
+from l3m.quality import quality_stats
 
 
 def test_verdict_from_interval():
@@ -42,7 +43,7 @@ def test_bootstrap_ci_covers_the_mean_and_shrinks_with_more_prompts():
     assert bootstrap_ci(torch.tensor([3.0])) == (3.0, 3.0)
 
 
-def _samples(lengths_per_prompt):
+def _samples(lengths_per_prompt) -> tuple[SampleBatch, int]:
     k = len(lengths_per_prompt[0])
     lengths = [n for row in lengths_per_prompt for n in row]
     batch = SampleBatch(
@@ -52,14 +53,14 @@ def _samples(lengths_per_prompt):
         lengths=torch.tensor(lengths),
         group_ids=torch.arange(len(lengths_per_prompt)).repeat_interleave(k),
     )
-    return Samples(batch=batch, k=k)
+    return batch, k
 
 
 def test_constraint_report_verdicts_on_known_lengths():
     # 50 prompts x 2 samples; per-prompt means 18..22, overall mean exactly 20
     rows = [[18 + (i % 5) - 1, 18 + (i % 5) + 1] for i in range(50)]
     cons = [LengthConstraint(30, "max"), LengthConstraint(25, "min"), LengthConstraint(20, "max", name="edge")]
-    rep = {r["name"]: r for r in constraint_report(cons, _samples(rows))}
+    rep = {r["name"]: r for r in constraint_report(cons, *_samples(rows))}
     assert rep["length_max"]["verdict"] == "holds" and rep["length_max"]["value"] == pytest.approx(-10)
     assert rep["length_min"]["verdict"] == "violated" and rep["length_min"]["mean_raw"] == pytest.approx(20)
     assert rep["edge"]["verdict"] == "undecided"  # the mean is exactly on the bound: the interval straddles 0
@@ -143,12 +144,14 @@ def test_evaluate_cli_end_to_end_on_a_tiny_model(tmp_path, talking_model, counti
     assert res["task_logppl"]["n"] == 6 and len(res["task_logppl"]["per_example"]) == 6
     assert res["task_logppl"]["mean"] > 0 and res["task_logppl"]["std"] >= 0
     assert len(res["lengths"]["values"]) == 18 and 0 <= res["lengths"]["mean"] <= 16
+    assert [x["length"] for x in res["samples"]] == res["lengths"]["values"] and res["quality"]["n"] == 18
     verdicts = {c["name"]: c["verdict"] for c in res["constraints"]}
     assert verdicts == {"length_min": "holds", "length_max": "holds", "long": "violated"}
     flagged = {c["name"] for c in res["constraints"] if c["warned_infeasible_in_training"]}
     assert flagged == {"long"} and res["warnings"]
     md = (tmp_path / "ev.md").read_text()
     assert "| tiny |" in md and "**violated** ⚠ warned infeasible" in md and "**holds**" in md
+    assert "| cut off (95% CI) | repetition | distinct-2 |" in md
     out = capsys.readouterr().out
     assert "held-out evaluation" in out and "violated" in out
 
@@ -170,13 +173,15 @@ def test_evaluate_cli_user_errors(tmp_path, capsys):
 
 
 def test_markdown_table_lists_every_model_and_constraint():
+    ids = [[9], [4, 5], [1, 2, 3], [7, 7, 7, 7], [1, 2, 3, 4, 5], [7] * 6]  # lengths 1-6; the last repeats a 4-gram
     res = [
         {
             "model": "m1",
             "k": 2,
             "n_prompts": 3,
             "task_logppl": {"n": 3, "mean": 1.0, "std": 0.1},
-            "lengths": length_stats([1, 2, 3, 4, 5, 6], 64),
+            "lengths": length_stats([len(x) for x in ids], 64),
+            "quality": quality_stats(ids, [False] * 4 + [True] * 2, n_boot=200, k=2),
             "constraints": [
                 {
                     "constraint": "length_max: mean length (tokens) <= 5",
@@ -190,21 +195,79 @@ def test_markdown_table_lists_every_model_and_constraint():
     ]
     md = markdown_table(res)
     assert "1.000 ± 0.100" in md and "3.5 ± 1.9" in md and "**holds**" in md and "3 × 2" in md
+    # median 3.5 tokens; 2 of 6 cut off; 1 of 6 repeats a 4-gram 3 times; 5 distinct bigrams of 15
+    assert "| 4 | 33% [" in md and "| 17% | 0.33 |" in md
 
 
-def test_task_logppl_split_at_the_end_token_recombines(talking_model, counting_rows):
-    """The log-perplexity without the end token and the end token's NLL add back up to the whole."""
-    from l3m.data import load_examples
+def test_task_logppl_is_the_mean_nll_per_response_token(talking_model, counting_rows):
+    """Each example's log-perplexity is its mean NLL over its response tokens (end token included, prompt tokens
+    never), computed here from the model's logits one example at a time: batching and padding change nothing."""
+    from l3m.data import load_examples, tokenize_examples
     from l3m.evaluation import task_logppl
     from l3m.models import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(str(talking_model)), load_causal_lm(str(talking_model))
     examples = load_examples(counting_rows[:6])
-    whole, body, end = task_logppl(model, tok, examples, batch_size=4, progress=False, split_end=True)
-    assert torch.equal(whole, task_logppl(model, tok, examples, batch_size=4, progress=False))
-    from l3m.data import tokenize_examples
+    got = task_logppl(model, tok, examples, batch_size=4, progress=False)
+    want = []
+    with torch.no_grad():
+        for f in tokenize_examples(tok, examples, max_length=512):
+            ids = torch.tensor([f["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            nll = -logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+            mask = torch.tensor(f["response_mask"][1:], dtype=torch.bool)
+            assert mask.sum() > 1 and not mask[: len(f["prompt_ids"]) - 1].any()
+            want.append(float(nll[mask].mean()))
+    assert got.shape == (6,) and torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5)
+    assert len(set(got.tolist())) == 6  # one number per example, not a batch mean
+    assert torch.allclose(got, task_logppl(model, tok, examples, batch_size=1, progress=False), atol=1e-5)
 
-    n = torch.tensor([sum(f["response_mask"]) for f in tokenize_examples(tok, examples, max_length=512)]).double()
-    assert (n > 1).all()
-    assert torch.allclose((body.double() * (n - 1) + end.double()) / n, whole.double(), atol=1e-5)
-    assert (end >= 0).all() and (body > 0).all()
+
+def test_evaluate_model_quality_is_that_of_its_samples(talking_model, counting_rows):
+    """evaluate_model's "quality" numbers are l3m.quality.quality_stats of the samples it returns, and the Markdown
+    table shows them in its cut-off and repetition columns."""
+    from l3m.data import load_examples
+    from l3m.evaluation import evaluate_model
+    from l3m.logprobs import eos_token_ids
+    from l3m.models import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(str(talking_model)), load_causal_lm(str(talking_model))
+    examples = load_examples(counting_rows[::3])  # 1, 4, ..., 22 repetitions of "go"
+    k, cap = 3, 12
+    res = evaluate_model(
+        model, tok, [], prompts=examples, k=k, max_new_tokens=cap, n_boot=300, seed=0, progress=False, name="tiny"
+    )
+    q, samples = res["quality"], res["samples"]
+    assert {"median_length", "truncated_share", "truncated_ci", "repetition_rate", "distinct_2"} <= set(q)
+    assert len(samples) == len(examples) * k == q["n"]
+    assert [s["prompt"] for s in samples] == [e.prompt_text for e in examples for _ in range(k)]
+    # each sample: its ids without the end token, its length, and cut off exactly when it ran to the cap
+    eos = set(eos_token_ids(model, tok))
+    for s in samples:
+        assert len(s["completion_ids"]) == s["length"] <= cap and not eos & set(s["completion_ids"]), (s, eos)
+        assert s["truncated"] == (s["length"] == cap)
+        assert tok.decode(s["completion_ids"], skip_special_tokens=True) == s["completion"]
+    assert res["lengths"]["values"] == [s["length"] for s in samples]
+    # recomputed from the samples alone: the same numbers, the interval resampling prompts (k per prompt)
+    again = quality_stats(
+        [s["completion_ids"] for s in samples], [s["truncated"] for s in samples], n_boot=300, seed=0, k=k
+    )
+    assert again == q
+    cut = [s["truncated"] for s in samples]
+    assert q["truncated_share"] == sum(cut) / len(cut) and 0 < q["truncated_share"] < 1  # some end, some are cut
+    assert q["truncated_ci"][0] <= q["truncated_share"] <= q["truncated_ci"][1]
+    assert q["truncated_ci"][0] < q["truncated_ci"][1]  # a real interval: prompts differ in their cut-off share
+    assert q["median_length"] == res["lengths"]["median"]
+    assert 0 < q["repetition_rate"] < 1 and 0 < q["distinct_2"] < 1  # "go go go ..." repeats itself
+
+    # the table: one column per number, each cell formatted from the quality numbers
+    header, rule, row = markdown_table([res]).splitlines()[:3]
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    assert cells(header) == list(MODEL_COLUMNS)
+    assert {"median length", "cut off (95% CI)", "repetition", "distinct-2"} <= set(MODEL_COLUMNS)
+    got = dict(zip(MODEL_COLUMNS, cells(row)))
+    lo, hi = q["truncated_ci"]
+    assert got["model"] == "tiny" and got["prompts × k"] == f"{len(examples)} × {k}"
+    assert got["cut off (95% CI)"] == f"{100 * q['truncated_share']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+    assert got["repetition"] == f"{100 * q['repetition_rate']:.0f}%"
+    assert got["distinct-2"] == f"{q['distinct_2']:.2f}" and got["median length"] == f"{q['median_length']:.0f}"

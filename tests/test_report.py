@@ -13,6 +13,7 @@ from l3m.report import (
     make_report,
     moving_average,
     read_metrics,
+    run_barrier_s_power,
 )
 
 
@@ -22,12 +23,14 @@ def _is_png(path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, talking_model, counting_rows):
-    """A 6-step constrained run of the tiny model through `l3m train` (metrics.jsonl, summary.json)."""
+    """A 6-step constrained run of the tiny model through `l3m train` with the experimental options (metrics.jsonl,
+    summary.json, the model card)."""
     tmp = tmp_path_factory.mktemp("run")
     data = tmp / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in counting_rows))
     cfg = {
         "model": str(talking_model),
+        "method": "experimental",
         "data": {"train": str(data)},
         "constraints": [{"kind": "length", "min": 2, "max": 6, "name": "len"}],
         "training": {
@@ -41,6 +44,7 @@ def tiny_run(tmp_path_factory, talking_model, counting_rows):
             "disable_tqdm": True,
             "learning_rate": 1e-3,
             "average_tail": 0.5,  # the saved model averages the last 3 steps: the report marks them
+            "barrier_s_power": 1.0,  # the report draws this barrier beside the paper's
         },
     }
     path = tmp / "cfg.yaml"
@@ -130,57 +134,6 @@ def test_report_user_errors(tmp_path, capsys):
         load_evaluations([bad])
 
 
-def _experiment():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "length" / "run.py"
-    spec = importlib.util.spec_from_file_location("length_experiment", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_length_experiment_targets_logic():
-    exp = _experiment()
-    lo, hi = exp.RANGES["short"]
-
-    def ev(name, mean, verdicts, ppl):
-        cons = [{"name": f"{r}_{b}", "verdict": "holds"} for r in exp.RANGES for b in ("min", "max")]
-        for c in cons:
-            if c["name"].startswith("short_"):
-                c["verdict"] = verdicts[0] if c["name"].endswith("min") else verdicts[1]
-        return {"model": name, "lengths": {"mean": mean}, "task_logppl": {"mean": ppl}, "constraints": cons}
-
-    t = exp.check_targets(
-        [ev("sft", 100.0, ("holds", "holds"), 1.0), ev("l3m_short", hi - 1, ("holds", "undecided"), 1.2)]
-    )
-    assert t["l3m_short"]["inside"] and t["l3m_short"]["mean_inside"] and not t["l3m_short"]["certified"]
-    below = exp.check_targets([ev("l3m_short", lo - 0.5, ("undecided", "holds"), 1.0)])["l3m_short"]
-    assert below["inside"] and not below["mean_inside"]  # undecided, but the mean lies below l_min
-    assert t["l3m_short"]["logppl_ratio_to_sft"] == pytest.approx(1.2) and not t["l3m_short"]["logppl_within_10pct"]
-    assert t["sft"]["outside_at_least_two"] and "short" in t["sft"]["ranges_below"]
-
-
-def test_length_experiment_data_split():
-    from conftest import SHARED_DATA
-
-    from l3m.data import load_examples, split_heldout
-
-    exp = _experiment()
-    if not exp.DATA.is_file():
-        pytest.skip(f"the shared data set {exp.DATA} is absent (see ../shared/data/README.md)")
-    assert exp.DATA.is_relative_to(SHARED_DATA)
-    train, held = split_heldout(load_examples(exp.DATA), exp.BASE_CONFIG["data"]["heldout_fraction"], seed=0)
-    assert len(held) >= exp.EVAL["n_prompts"] >= 150 and exp.EVAL["k"] >= 2
-    # the data set repeats a few instructions (with other answers): 4 of the 150 held-out prompts also occur in
-    # the training part (README); no (prompt, response) pair does
-    seen = {e.prompt_text for e in train}
-    assert sum(e.prompt_text in seen for e in held[: exp.EVAL["n_prompts"]]) <= 5
-    pairs = {(e.prompt_text, e.response) for e in train}
-    assert not any((e.prompt_text, e.response) in pairs for e in held)
-
-
 def test_moving_average_is_the_mean_of_the_last_values():
     assert moving_average([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0, 4.0, 9.0], window=5) == [2.0, 3.0, 5.0]  # fewer values at the start
@@ -194,87 +147,6 @@ def test_report_marks_the_averaged_steps(tiny_run, tmp_path):
     assert "Grey band: the last steps, whose weights the saved model averages" in md
 
 
-def test_length_experiment_deals_models_to_processes_by_cost():
-    """--jobs 2: the longest-running L3M gets a process of its own load class; every model runs exactly once."""
-    exp = _experiment()
-    models = list(exp.model_configs())
-    groups = exp.split_jobs(models, 2)
-    assert sorted(sum(groups, [])) == sorted(models)
-    loads = [sum(exp.COST[m] for m in g) for g in groups]
-    assert max(loads) - min(loads) <= min(exp.COST.values()) + 1e-9  # as even as whole models allow here
-    assert "l3m_long" in groups[0]
-    assert exp.split_jobs(["sft"], 4) == [["sft"]]  # never more processes than models
-    assert len(exp.split_jobs(models, 1)) == 1
-
-
-def test_length_experiment_gradient_option_sets_every_length_constraint():
-    """run.py --gradient stop: each L3M's length constraint gets the stop-decision estimator, valid for l3m train."""
-    from l3m.constraints import build_constraints
-
-    exp = _experiment()
-    for gradient in ("sequence", "stop"):
-        cfgs = exp.model_configs(gradient)
-        assert cfgs["sft"]["constraints"] is None
-        for name in ("l3m_short", "l3m_medium", "l3m_long"):
-            cons = build_constraints(cfgs[name]["constraints"])
-            assert [c.gradient for c in cons] == [gradient, gradient]
-    # by default each range takes its own estimator: shift where it lengthens (medium, long), sequence for short
-    default = exp.model_configs()
-    assert "gradient" not in default["l3m_short"]["constraints"][0]
-    for name in ("l3m_medium", "l3m_long"):
-        assert [c.gradient for c in build_constraints(default[name]["constraints"])] == ["shift", "shift"]
-    # --gradient-min: the lower bound alone gets its own estimator, under the same constraint names
-    cons = build_constraints(exp.model_configs("sequence", "shift")["l3m_medium"]["constraints"])
-    assert [(c.name, c.gradient) for c in cons] == [("length_min", "shift"), ("length_max", "sequence")]
-    default = build_constraints(exp.model_configs()["l3m_medium"]["constraints"])
-    assert [c.name for c in cons] == [c.name for c in default]
-    assert exp.model_configs("stop", "stop") == exp.model_configs("stop")
-
-
-def test_eos_bias_yardstick_lowers_only_the_end_logits_and_lengthens(talking_model):
-    """experiments/length/eos_bias.py: the hook shifts the end tokens' logits alone, and a large shift stops no one."""
-    import importlib.util
-    from pathlib import Path
-
-    import torch
-
-    from l3m.data import Example
-    from l3m.evaluation import sample_responses
-    from l3m.logprobs import eos_token_ids
-    from l3m.models import load_causal_lm, load_tokenizer
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "length" / "eos_bias.py"
-    spec = importlib.util.spec_from_file_location("eos_bias", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    tok, model = load_tokenizer(str(talking_model)), load_causal_lm(str(talking_model))
-    eos = eos_token_ids(model, tok)
-    ids = torch.tensor([tok("Repeat the word 'go' 5 times.")["input_ids"]])
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        handle = mod.bias_end_tokens(model, eos, 3.0)
-        shifted = model(input_ids=ids).logits
-        handle.remove()
-        after = model(input_ids=ids).logits
-    others = [i for i in range(before.shape[-1]) if i not in eos]
-    assert torch.allclose(shifted[..., eos], before[..., eos] - 3.0)
-    assert torch.equal(shifted[..., others], before[..., others]) and torch.equal(after, before)
-    prompts = [
-        Example(prompt=[{"role": "user", "content": f"Repeat the word 'go' {n} times."}], response="") for n in (2, 3)
-    ]
-
-    def lengths(delta):
-        handle = mod.bias_end_tokens(model, eos, delta)
-        try:
-            s = sample_responses(model, tok, prompts, k=4, max_new_tokens=12, temperature=1.0, progress=False)
-        finally:
-            handle.remove()
-        return s.batch.lengths
-
-    assert (lengths(0.0) < 12).any()  # the trained model ends some responses by itself
-    assert (lengths(50.0) == 12).all()  # with its end tokens 50 nats down, none ends before the cap
-
-
 def test_barrier_figure_draws_the_runs_barrier_when_it_is_not_the_papers(tmp_path):
     paper = make_report([], [], tmp_path / "p").read_text()
     own = make_report([], [], tmp_path / "o", barrier_s_power=1.0).read_text()
@@ -282,3 +154,63 @@ def test_barrier_figure_draws_the_runs_barrier_when_it_is_not_the_papers(tmp_pat
     assert "s = μ^1 (`barrier_s_power`)" in own and "= 1 at every μ" in own
     # the figure itself differs: the dashed curves are drawn
     assert (tmp_path / "p" / "barrier.png").read_bytes() != (tmp_path / "o" / "barrier.png").read_bytes()
+
+
+def test_barrier_figure_takes_s_power_from_the_runs_configs(tiny_run, tmp_path):
+    """An experimental run's barrier_s_power comes from its saved config (the model card); a run of the core
+    method, or one with no card, has the paper's s = mu^2."""
+    import shutil
+
+    from l3m.model_card import read_card, write_model_card
+
+    assert read_card(tiny_run)[0]["l3m"]["method"] == "experimental"
+    assert run_barrier_s_power(tiny_run) == 1.0
+    core = tmp_path / "core_run"
+    core.mkdir()
+    shutil.copy(tiny_run / "metrics.jsonl", core / "metrics.jsonl")
+    assert run_barrier_s_power(core) == 2.0  # no card
+    write_model_card(core, {"method": "l3m", "training": {"steps": 6, "mu_init": 1.0}})
+    assert run_barrier_s_power(core) == 2.0
+    own = make_report([tiny_run], [], tmp_path / "own").read_text()
+    assert "Dashed: the barrier these runs used, s = μ^1 (`barrier_s_power`)" in own and "= 1 at every μ" in own
+    paper = make_report([core], [], tmp_path / "paper").read_text()
+    assert "Dashed" not in paper and "s = μ^1" not in paper
+    both = make_report([core, tiny_run], [], tmp_path / "both").read_text()
+    assert f"Dashed: the barrier runs `{tiny_run.name}` used, s = μ^1" in both
+    assert (tmp_path / "own" / "barrier.png").read_bytes() == (tmp_path / "both" / "barrier.png").read_bytes()
+    assert (tmp_path / "own" / "barrier.png").read_bytes() != (tmp_path / "paper" / "barrier.png").read_bytes()
+    # an explicit power overrides the runs'
+    assert "Dashed" not in make_report([tiny_run], [], tmp_path / "set", barrier_s_power=2.0).read_text()
+
+
+def test_length_experiment_splits_keep_each_prompt_in_one_split():
+    """experiments/length/run.py: disjoint splits of the sizes asked for, records sharing a prompt kept together,
+    the same splits from the same split seed; on the shared data set too, where it is present."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "length" / "run.py"
+    spec = importlib.util.spec_from_file_location("length_experiment", path)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+
+    def check(keys, sizes, seed):
+        splits = exp.make_splits(keys, sizes, seed)
+        assert splits == exp.make_splits(keys, sizes, seed)
+        names = list(sizes)
+        assert sorted(i for v in splits.values() for i in v) == list(range(len(keys)))
+        assert all(len(splits[n]) == sizes[n] for n in names[1:])
+        owner = {}
+        for n, idx in splits.items():
+            for i in idx:
+                assert owner.setdefault(keys[i], n) == n, f"prompt {keys[i]!r} in {owner[keys[i]]} and {n}"
+        return splits
+
+    keys = [f"p{i // 3 if i < 30 else i}" for i in range(60)]  # prompts 0-9 three records each, the rest one
+    a = check(keys, {"train": 0, "selection": 12, "test": 9}, seed=0)
+    assert a != check(keys, {"train": 0, "selection": 12, "test": 9}, seed=1)
+    with pytest.raises(ValueError, match="split 'test'"):
+        exp.make_splits(["same"] * 10, {"train": 0, "test": 3}, 0)  # one prompt of 10 records cannot fill 3
+    if exp.DATA.is_file():
+        records = json.loads(exp.DATA.read_text())
+        check([exp.prompt_key(r) for r in records], exp.SPLIT_SIZES, exp.SPLIT_SEED)

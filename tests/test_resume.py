@@ -206,3 +206,16 @@ def test_kill_9_while_saving_a_checkpoint_never_publishes_it(tmp_path, tiny_mode
             "l3m_state.json",
         } <= {p.name for p in (out / ckpt).iterdir()}
     _assert_same_run(out, reference)
+
+
+def test_truncate_metrics_drops_rows_after_the_step_and_lines_cut_short(tmp_path):
+    from l3m.checkpointing import METRICS_FILE, STATE_FILE, truncate_metrics
+
+    assert (METRICS_FILE, STATE_FILE) == ("metrics.jsonl", "l3m_state.json")  # the names the docs give
+    path = tmp_path / METRICS_FILE
+    rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 3, 4, 5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')  # killed mid-line
+    assert truncate_metrics(str(path), 3) == 3  # steps 4 and 5, and the broken line
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:4]
+    assert truncate_metrics(str(path), 3) == 0 and truncate_metrics(str(tmp_path / "none.jsonl"), 3) == 0
+    assert not list(tmp_path.glob("*.tmp"))

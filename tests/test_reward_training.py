@@ -218,7 +218,7 @@ def test_cli_train_reward_config_errors(tmp_path, capsys):
 
 def test_model_entry_turns_constraint_intervals_into_reward_intervals():
     from l3m.constraints import RewardConstraint, SampleBatch
-    from l3m.evaluation import Samples, bootstrap_ci, constraint_report
+    from l3m.evaluation import bootstrap_ci, constraint_report
     from l3m.report_rewards import model_entry
 
     rewards = torch.tensor([0.1, 0.5, 1.0, 1.4, -0.3, 0.2, 2.0, 0.9, 0.4, 0.6])
@@ -238,7 +238,7 @@ def test_model_entry_turns_constraint_intervals_into_reward_intervals():
     )
     ev = {
         "model": "m",
-        "constraints": constraint_report([helpful, harmless], Samples(sb, k=2)),
+        "constraints": constraint_report([helpful, harmless], sb, k=2),
         "task_logppl": {"mean": 1.2, "std": 0.3, "n": 5},
     }
     entry = model_entry(ev, "L3M", "P1", ["helpful", "harmless"])
@@ -324,9 +324,7 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
         "--runs",
         str(tmp_path / "runs"),
         "--set",
-        "score_temperature=false",
-        "--set",
-        "loss_chunks=2",  # as the CPU preset does (4): each prompt back-propagated on its own
+        "max_prompt_length=200",
         "--sft-steps",
         "3",
         "--mm",
@@ -341,7 +339,7 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     assert (tmp_path / "results" / "figure3.png").is_file() and (tmp_path / "results" / "results.md").is_file()
     mm = [json.loads(x) for x in (tmp_path / "results" / "runs" / "mm_P1" / "metrics.jsonl").read_text().splitlines()]
     assert any("kl" in r and "constraints/helpful/lambda" in r for r in mm)
-    assert "loss_chunks=2" in res["settings"]["overrides"]
+    assert "max_prompt_length=200" in res["settings"]["overrides"]
     # the harmless reward model is fine-tuned whole from its fitted head, and the constraints use that model
     stages = json.loads((tmp_path / "results" / "stages.json").read_text())
     ft = yaml.safe_load((tmp_path / "results" / "configs" / "rm_harmless_ft.yaml").read_text())
@@ -349,10 +347,14 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     l3m = yaml.safe_load((tmp_path / "results" / "configs" / "l3m_P1.yaml").read_text())
     assert {c["name"]: Path(c["model"]).name for c in l3m["constraints"]}["harmless"] == "rm_harmless_ft"
     # --set reaches every training run, and the results say so
-    assert l3m["training"]["score_temperature"] is False and l3m["training"]["loss_chunks"] == 2
+    assert l3m["training"]["max_prompt_length"] == 200
+    sft_cfg = yaml.safe_load((tmp_path / "results" / "configs" / "sft.yaml").read_text())
+    assert sft_cfg["training"]["max_prompt_length"] == 200
     # --mm reaches the MM runs alone
     mm_cfg = yaml.safe_load((tmp_path / "results" / "configs" / "mm_P1.yaml").read_text())
+    assert mm_cfg["method"] == "minimax" and "method" not in l3m
     assert mm_cfg["training"]["multiplier_lr"] == 0.5 and "multiplier_lr" not in l3m["training"]
+    assert mm_cfg["training"]["max_prompt_length"] == 200
     assert res["settings"]["mm"]["multiplier_lr"] == 0.5
     # the wall-clock breakdown reads the copied metrics
     cmd = [sys.executable, str(script.parent / "efficiency.py"), str(tmp_path / "results")]

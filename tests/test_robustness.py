@@ -160,7 +160,13 @@ def test_empty_sampled_responses_are_scored_and_trained_on(tmp_path, tiny_model)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    model.generation_config.sequence_bias = [[[tok.eos_token_id], 100.0]]  # end-of-turn first, always
+
+    def end_first(module, args, logits):  # the model itself puts its end-of-turn token first, always
+        bias = torch.zeros(logits.shape[-1], dtype=logits.dtype)
+        bias[tok.eos_token_id] = 100.0
+        return logits + bias
+
+    model.lm_head.register_forward_hook(end_first)
     seen: list[str] = []
 
     def record(prompts, completions, **kwargs):
@@ -506,11 +512,13 @@ def _kw(call: ast.Call, name: str):
 
 def test_source_loads_safetensors_only_and_never_trusts_remote_code_by_itself():
     problems = []
-    for path in sorted(SRC.glob("*.py")):
+    paths = sorted(SRC.rglob("*.py"))
+    assert SRC / "experimental" / "__init__.py" in paths  # subpackages are checked too
+    for path in paths:
         tree = ast.parse(path.read_text())
         for call in _calls(tree):
             f = call.func
-            where = f"{path.name}:{call.lineno}"
+            where = f"{path.relative_to(SRC)}:{call.lineno}"
             trust = _kw(call, "trust_remote_code")
             if isinstance(trust, ast.Constant) and trust.value is True:
                 problems.append(f"{where}: trust_remote_code=True")

@@ -1,40 +1,64 @@
-"""Side by side: TRL's ``GRPOTrainer`` (beta = 0, no reference model) against l3m's ``L3MTrainer``.
+"""L3M's training step against TRL's GRPO step: the same prompts in the same order, the ratio split into its parts.
 
-Three trainers run the same model (SmolLM2-135M-Instruct, the converted safetensors copy from
-``l3m.models.default_model_path()``, fp32), the same prompts (the first rows of l3m's built-in data), the same
-number of samples per prompt, longest completion, batch, optimiser and schedule, for the same number of steps:
+Sides (``--sides``, comma-separated). Each side is one trainer in its own process, training with ``Trainer.train()``;
+a callback holds it at the end of every optimiser step until the parent says "go", so the steps of the sides
+alternate and never overlap. Every round runs each side once, the order rotating by one side per round.
 
-* ``grpo``      TRL GRPOTrainer, reward = minus the completion length in tokens;
-* ``l3m_sft``   L3MTrainer with its SFT term (its real workload) and a length constraint;
-* ``l3m_nosft`` L3MTrainer without the SFT term (``task_loss=False``): the same work as the GRPO step;
-* ``l3m_sft_plain``, ``l3m_nosft_plain`` (on request, ``--trainers``): the same, on the trainer's unshared paths
-  (every sample's prompt encoded again for sampling and for the loss), for before/after comparisons;
-* ``mm`` (on request): the minimax baseline (``method="minimax"``) with the same constraint, its reference model
-  a frozen copy of the same initial model; ``l3m_sft_chunks4`` and ``mm_chunks4``: L3M and MM with
-  ``loss_chunks=4`` (each micro-batch back-propagated one prompt at a time). For the memory claim "no reference
-  model": ``--trainers l3m_sft,mm,l3m_sft_chunks4,mm_chunks4``.
-* ``l3m_sft_clip`` (on request): L3M with its SFT term and ``clip_each_part`` (the task's and the constraints'
-  gradients clipped apart, each with its own forward and backward): ``--trainers l3m_sft,l3m_sft_clip``.
+  trl           TRL ``GRPOTrainer``, beta = 0 (no reference model), reward = minus the completion length.
+  trl_compact   the same, its fused LM head run over the completion tokens only. TRL decides that by whether
+                Triton runs on the device (``trl.trainer.utils._use_triton``): on a CUDA GPU it scores the completion
+                tokens only; on a CPU it projects every position (prompt and padding included) through the LM head.
+                This side turns the GPU path on, on any device; the numbers are the same, the work is not.
+  trl_paged     the same as trl, sampling with transformers' continuous batching (``generate_batch``; TRL's
+                ``use_transformers_continuous_batching``). Meant for a GPU.
+  l3m           ``L3MTrainer``, its whole step: k samples per prompt, a mean-length constraint, and one
+                forward/backward for the task loss on the batch's reference responses plus the constraint's
+                score-function term, each prompt encoded once (prefix sharing) in sampling and in the loss.
+  l3m_unshared  the same with prefix sharing off: each sample's prompt encoded again, in sampling and in the loss.
+  l3m_static, l3m_paged   l3m with ``L3MConfig.sampler`` = static / paged, where this l3m has that setting (they
+                are left out, with a message, where it does not: l3m then samples with ``generate`` only).
 
-Each trainer lives in its own worker process and trains with ``Trainer.train()``; a callback holds it at the end
-of every optimiser step until the parent says "go", so the steps alternate (A B C A B C ...) and never overlap.
-A step's wall time runs from "go" to the end of the next optimiser step (data, sampling, scoring, forward,
-backward, clipping, optimiser, the previous step's logging). Peak memory is the kernel's high-water mark of the
-worker's resident set (``VmHWM`` in ``/proc/self/status``), reset at the start of every step by writing 5 to
-``/proc/self/clear_refs``: exact (no sampling thread), and per process, so one trainer's freed memory never hides
-another's. Every worker imports the same modules (torch, transformers, trl, l3m), so the absolute RSS compares;
-the delta (peak minus the RSS before the first step) is what training adds: optimiser state, gradients,
-activations, generation cache. Each worker uses one thread (``torch.set_num_threads(1)``): the machine has two
-cores shared with other jobs, and one thread each keeps the ratio fair.
+What both sides are given:
 
-Run ``python benchmarks/speed/bench_vs_trl.py`` (8-12 minutes on 2 shared CPU cores) or ``--quick`` (about 5);
-TRL comes with ``pip install -e ".[bench]"``.
+* the same model (``--model``: ``default`` = SmolLM2-135M-Instruct from ``l3m.models.default_model_path()``,
+  ``random-1b`` = a randomly initialised ~1.0B Llama with that tokenizer, seed 0, or a local directory);
+* the same prompts in the same order: the first ``prompts x (warm-up + rounds)`` rows of l3m's built-in data, each
+  step the next ``--prompts`` of them (TRL: ``shuffle_dataset=False``; l3m: ``train_sampling_strategy="sequential"``).
+  Every step records a hash of the prompt token ids each side sampled from; the run checks they agree round by round;
+* ancestral sampling at temperature 1 (no top-p, no top-k), ``--k`` samples per prompt, at most
+  ``--max-new-tokens`` new tokens; the same optimiser (AdamW, constant learning rate, gradient clipping at 1).
+
+Completions end where the model ends them, so their lengths differ between the sides. Every figure is therefore per
+generated token (end tokens included): a side's throughput in a round is its generated tokens over its step's wall
+time; the ratio of two sides is taken round by round (the two steps ran back to back, under the same load) and
+summarised by the geometric mean with a 95% t-interval over the rounds. The parts multiply exactly:
+
+    l3m / trl = (l3m / l3m_unshared) x (l3m_unshared / trl_compact) x (trl_compact / trl)
+                 prefix sharing         the rest                        TRL's CPU log-prob fallback
+
+Each comparison is also given for the sampling phase alone (generated tokens per second of sampling) and for the
+rest of the step (generated tokens per second of everything but sampling: rewards or constraints, the log-prob
+forward, backward, optimiser, bookkeeping). The L3M step's rest includes its task loss (the reference responses of
+the batch's prompts), which GRPO does not have.
+
+Memory: on a CPU, the kernel's high-water mark of each side's resident set (``VmHWM``, reset before every step by
+writing 5 to ``/proc/self/clear_refs``); on a GPU, ``torch.cuda.max_memory_allocated`` (reset before every step).
+Timers: ``time.perf_counter``; on a GPU, after ``torch.cuda.synchronize()``.
+
+    python benchmarks/speed/bench_vs_trl.py            # CPU: trl, trl_compact, l3m, l3m_unshared (~10 minutes)
+    python benchmarks/speed/bench_vs_trl.py --gpu      # one GPU: trl, trl_paged, l3m, l3m_static, l3m_paged
+
+TRL comes with ``pip install -e ".[bench]"``. Results go to ``benchmarks/speed/results/`` as
+``vs_trl_<device>_<model>_<prompts>x<k>x<tokens>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -42,33 +66,83 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TRAINERS = {
-    "grpo": "TRL GRPOTrainer (beta=0)",
-    "l3m_sft": "L3MTrainer, with the SFT term",
-    "l3m_nosft": "L3MTrainer, without the SFT term",
-    # the same trainers on their unshared paths (what the trainer did before benchmarks/speed, and still does
-    # as a fallback): every sample's prompt encoded again for generation and for the loss
-    "l3m_sft_plain": "L3MTrainer, with the SFT term, unshared prompts",
-    "l3m_nosft_plain": "L3MTrainer, without the SFT term, unshared prompts",
-    # the minimax baseline (method.md section 6) from the same initial model, which is also its reference (a frozen
-    # copy in memory); and both with the loss back-propagated in 4 chunks of one prompt (``loss_chunks=4``)
-    "mm": "minimax (MM), reference model in memory",
-    "l3m_sft_chunks4": "L3MTrainer, with the SFT term, loss_chunks=4",
-    "mm_chunks4": "minimax (MM), loss_chunks=4",
-    # the task's and the constraints' gradients clipped apart (a second forward of the task rows' prompts)
-    "l3m_sft_clip": "L3MTrainer, with the SFT term, clip_each_part",
+SIDES = {
+    "trl": "TRL GRPOTrainer (beta=0)",
+    "trl_compact": "TRL GRPOTrainer, LM head over completion tokens only",
+    "trl_paged": "TRL GRPOTrainer, continuous batching (generate_batch)",
+    "l3m": "L3MTrainer, whole step",
+    "l3m_unshared": "L3MTrainer, no prefix sharing",
+    "l3m_static": "L3MTrainer, sampler static",
+    "l3m_paged": "L3MTrainer, sampler paged",
 }
-PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
-TARGET_NOSFT = ">= 1.2x speed, <= 1.0x memory"
-TARGET_SFT = ">= 1.0x speed"
+L3M_SAMPLER = {"l3m": "hf", "l3m_unshared": "hf", "l3m_static": "static", "l3m_paged": "paged"}
+PHASES = ("sampling", "rewards", "loss_forward", "backward", "optimizer")
+CPU_SIDES = "trl,trl_compact,l3m,l3m_unshared"
+GPU_SIDES = "trl,trl_paged,l3m,l3m_static,l3m_paged"
+# (numerator, denominator, what the ratio measures), reported where both sides ran
+COMPARISONS = [
+    ("l3m", "trl", "whole: L3M step / TRL GRPO step"),
+    ("l3m_unshared", "trl", "(a) L3M without prefix sharing / TRL as it runs here"),
+    ("l3m_unshared", "trl_compact", "(a') L3M without prefix sharing / TRL scoring completion tokens only"),
+    ("l3m", "l3m_unshared", "(b) prefix sharing"),
+    ("trl_compact", "trl", "(c) TRL's completion-only scoring (its CPU fallback undone)"),
+    ("l3m", "trl_compact", "L3M step / TRL scoring completion tokens only"),
+    ("l3m", "trl_paged", "L3M step / TRL with continuous batching"),
+    ("trl_paged", "trl", "TRL: continuous batching / generate"),
+    ("l3m_static", "trl", "L3M (static sampler) / TRL"),
+    ("l3m_paged", "trl_paged", "L3M (paged sampler) / TRL with continuous batching"),
+    ("l3m_static", "l3m", "L3M: static sampler / hf"),
+    ("l3m_paged", "l3m", "L3M: paged sampler / hf"),
+]
+DECOMPOSITION = (("l3m", "l3m_unshared"), ("l3m_unshared", "trl_compact"), ("trl_compact", "trl"))
 
 
 # ----------------------------------------------------------------------------------------------
-# memory: the kernel's per-process high-water mark of the resident set
+# statistics: paired ratios over rounds
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (Simpson's rule on its density, bisection)."""
+
+    def cdf(x: float) -> float:
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        f = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)
+        n = 2000
+        h = x / n
+        s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+        return 0.5 + s * h / 3
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_ratio(num: list[float], den: list[float]) -> dict:
+    """Per-round ratios ``num[r] / den[r]``: their geometric mean and its 95% t-interval (on the log scale)."""
+    logs = [math.log(a / b) for a, b in zip(num, den)]
+    n = len(logs)
+    mean = statistics.fmean(logs)
+    half = t_quantile(0.975, n - 1) * statistics.stdev(logs) / math.sqrt(n) if n > 1 else float("nan")
+    ratios = [math.exp(x) for x in logs]
+    return {
+        "ratio": math.exp(mean),
+        "ci95": [math.exp(mean - half), math.exp(mean + half)],
+        "rounds": n,
+        "min": min(ratios),
+        "max": max(ratios),
+        "per_round": ratios,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# memory: the kernel's per-process high-water mark of the resident set (CPU)
 
 
 def _status_kib(field: str) -> int:
@@ -86,7 +160,7 @@ def reset_peak_rss() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# the worker: one trainer, stepping when told
+# the worker: one side, stepping when told
 
 
 def neg_length(completions, completion_ids=None, **kwargs) -> list[float]:
@@ -94,36 +168,79 @@ def neg_length(completions, completion_ids=None, **kwargs) -> list[float]:
     return [-float(len(c)) for c in completion_ids]
 
 
-def worker(name: str, cfg: dict, conn) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def prompt_hash(prompts: list[list[int]]) -> str:
+    return hashlib.sha1(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def load_model(spec: str, cuda: bool):
+    """(model, tokenizer) for ``--model``; a random model is initialised from seed 0, so every side gets the same."""
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(1)
-    import datasets  # noqa: F401  (every worker imports the same modules, so absolute RSS compares)
-    import transformers
-
-    try:
-        import trl
-    except ImportError:  # only the l3m trainers were asked for (main checks); the RSS still compares among them
-        trl = None
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-
-    import l3m.trainer as l3m_trainer
-    from l3m import L3MConfig, L3MTrainer, LengthConstraint
-    from l3m.data import load_examples
     from l3m.models import default_model_path
 
-    transformers.logging.set_verbosity_error()
-    path = default_model_path()
+    path = default_model_path() if spec in ("default", "random-1b") else Path(spec)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    p, k, steps = cfg["prompts_per_step"], cfg["num_generations"], cfg["total_steps"]
-    examples = load_examples("builtin")[: p * steps]  # one epoch of exactly the steps' prompts, for each trainer
-    out_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    if spec != "random-1b":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
+    cfg = LlamaConfig(  # about 1.0B parameters with a 49k vocabulary, as in scripts/gpu_check.py
+        vocab_size=len(tok),
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=20,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, tok
+
+
+def worker(side: str, cfg: dict, conn) -> None:
+    try:
+        _worker(side, cfg, conn)
+    except BaseException:  # noqa: BLE001 - the parent reports it and stops the other sides
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+def _worker(side: str, cfg: dict, conn) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if not cfg["gpu"]:
+        os.environ["OMP_NUM_THREADS"] = str(cfg["threads"])
+    import torch
+
+    if not cfg["gpu"]:
+        torch.set_num_threads(cfg["threads"])
+    import datasets
+    import transformers
+    import trl
+    import trl.trainer.utils as trl_utils
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    import l3m.sampling as l3m_sampling
+    import l3m.trainer as l3m_trainer
+    from l3m import L3MConfig, L3MTrainer, LengthConstraint
+    from l3m.data import load_examples
+
+    transformers.logging.set_verbosity_error()
+    cuda = cfg["gpu"]
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    p, k, steps = cfg["prompts"], cfg["k"], cfg["total_steps"]
+    model, tok = load_model(cfg["model"], cuda)
+    examples = load_examples("builtin")[: p * steps]  # exactly the steps' prompts, in order, for every side
+    out_dir = tempfile.mkdtemp(prefix=f"bench-{side}-")
     common = dict(
         output_dir=out_dir,
         max_steps=steps,
@@ -133,9 +250,8 @@ def worker(name: str, cfg: dict, conn) -> None:
         max_grad_norm=1.0,
         optim="adamw_torch",
         seed=cfg["seed"],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
+        use_cpu=not cuda,
+        bf16=cuda,
         report_to="none",
         save_strategy="no",
         logging_steps=1,
@@ -145,9 +261,40 @@ def worker(name: str, cfg: dict, conn) -> None:
         top_p=1.0,
         top_k=0,
     )
-    if name == "grpo":
+    step: dict = defaultdict(float)  # this step's phases and counts
+    info: dict = {
+        "side": side,
+        "device": torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s) per side",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+    }
+
+    def timed(obj, attr: str, phase: str, after=None) -> None:
+        fn = getattr(obj, attr)
+
+        def wrapper(*a, **kw):
+            sync()
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            sync()
+            step[phase] += time.perf_counter() - t
+            if after is not None:
+                after(a, out)
+            return out
+
+        setattr(obj, attr, wrapper)
+
+    if side.startswith("trl"):
         from trl import GRPOConfig, GRPOTrainer
 
+        extra = {}
+        if side == "trl_paged":
+            names = {f.name for f in dataclasses.fields(GRPOConfig)}
+            flag = "use_transformers_continuous_batching"
+            extra[flag if flag in names else "use_transformers_paged"] = True
+            # The paged cache holds this step's sequences (prompts up to 256 tokens, pages of 256 tokens): TRL's
+            # default, half of the GPU's memory, assumes one process per GPU, and the sides share one here.
+            blocks = p * k * math.ceil((256 + cfg["max_new_tokens"]) / 256)
+            extra["transformers_continuous_batching_config"] = {"num_blocks": blocks}
         args = GRPOConfig(
             **common,
             per_device_train_batch_size=p * k,  # GRPO counts completions per batch, not prompts
@@ -156,21 +303,42 @@ def worker(name: str, cfg: dict, conn) -> None:
             beta=0.0,
             shuffle_dataset=False,
             log_completions=False,
+            **extra,
         )
         ds = datasets.Dataset.from_list([{"prompt": ex.prompt} for ex in examples])
         trainer = GRPOTrainer(model=model, reward_funcs=neg_length, args=args, train_dataset=ds, processing_class=tok)
-        wrap = {"_generate": "generation", "_calculate_rewards": "scoring", "compute_loss": "forward"}
-        wrap_target = trainer
+        if side == "trl_compact":
+            trl_utils._use_triton = lambda dev: True  # the fused LM head's choice of completion-only scoring
+        info["trl_completion_only_scoring"] = bool(trl_utils._use_triton(device))
+        eos = set(trainer.eos_token_ids)
+
+        def after_sampling(a, out):
+            ids = out[0]  # completion ids, each up to and including its end token
+            step["tokens"] += sum(len(c) for c in ids)
+            step["sequences"] += len(ids)
+            step["truncated"] += sum(1 for c in ids if not c or c[-1] not in eos)
+            step["decode_steps"] = max(step["decode_steps"], max(len(c) for c in ids))
+            prompts = [list(map(int, x)) for x in a[0]]
+            assert all(prompts[i] == prompts[i - i % k] for i in range(len(prompts))), "prompts not grouped by k"
+            step["prompt_hash"] = prompt_hash(prompts[::k])
+
+        timed(trainer, "_generate_single_turn", "sampling", after_sampling)
+        timed(trainer, "_calculate_rewards", "rewards")
     else:
+        sampler = L3M_SAMPLER[side]
+        extra = {}
+        if "sampler" in {f.name for f in dataclasses.fields(L3MConfig)}:
+            extra["sampler"] = sampler
+        elif sampler != "hf":
+            raise SystemExit(f"{side}: this l3m has no sampler setting")
+        info["l3m_sampler"] = extra.get("sampler", "hf (generate; no sampler setting)")
         args = L3MConfig(
             **common,
             per_device_train_batch_size=p,
             num_generations=k,
             max_new_tokens=cfg["max_new_tokens"],
-            task_loss=name.startswith("l3m_sft"),
-            method="minimax" if name.startswith("mm") else "l3m",
-            loss_chunks=4 if name.endswith("_chunks4") else 1,
-            clip_each_part=name.endswith("_clip"),
+            train_sampling_strategy="sequential",
+            **extra,
         )
         trainer = L3MTrainer(
             model,
@@ -179,320 +347,391 @@ def worker(name: str, cfg: dict, conn) -> None:
             processing_class=tok,
             constraints=[LengthConstraint(cfg["length_limit"], "max")],
         )
-        wrap = {"_generate": "generation", "compute_loss": "forward"}
-        wrap_target = trainer
-        if name.endswith("_plain"):
-            trainer._prefix_sharing_failed = True  # the loss: every sequence whole
-            trainer._shared_prompt_cache = lambda *a, **kw: None  # generation: generate(num_return_sequences=k)
+        if side == "l3m_unshared":  # prefix sharing off: in sampling (generate with num_return_sequences) and loss
+            if not hasattr(l3m_sampling, "_shared_prompt_cache"):
+                raise SystemExit("l3m_unshared: l3m.sampling has no _shared_prompt_cache to turn off")
+            l3m_sampling._shared_prompt_cache = lambda *a, **kw: None
+            trainer._can_share_prefix = lambda model: False
+        info["l3m_prefix_sharing"] = side != "l3m_unshared"
 
-    phases: dict[str, float] = defaultdict(float)
+        def after_sampling(a, comps):
+            scored = comps.scored_ids()  # each response up to and including its end token
+            step["tokens"] += sum(len(c) for c in scored)
+            step["sequences"] += len(scored)
+            step["truncated"] += sum(comps.truncated)
+            step["decode_steps"] = max(step["decode_steps"], max(len(c) for c in scored))
+            ids, mask = a[0], a[1]
+            step["prompt_hash"] = prompt_hash([row[m.bool()].tolist() for row, m in zip(ids, mask)])
 
-    def timed(obj, attr: str, phase: str) -> None:
-        fn = getattr(obj, attr)
+        timed(trainer, "sample", "sampling", after_sampling)
+        timed(l3m_trainer, "evaluate_constraints", "rewards")  # a module-level name in l3m.trainer
 
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                phases[phase] += time.perf_counter() - t
+    def after_loss(a, out):  # the task loss's tokens: the reference responses of the batch's prompts (l3m only)
+        inputs = a[1] if len(a) > 1 else {}
+        if "response_mask" in inputs and "sample_input_ids" in inputs:
+            step["task_tokens"] += int(inputs["response_mask"].sum())
 
-        setattr(obj, attr, wrapper)
-
-    for attr, phase in wrap.items():
-        timed(wrap_target, attr, phase)
-    if name != "grpo":  # the constraints are evaluated through this module-level name
-        timed(l3m_trainer, "evaluate_constraints", "scoring")
+    timed(trainer, "compute_loss", "loss_forward", after_loss)
     timed(trainer.accelerator, "backward", "backward")
     timed(trainer, "_clip_grad_norm", "optimizer")
+
+    def peak() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_kib("VmHWM") / 1024
 
     class Gate(TrainerCallback):
         """Holds training at the end of each optimiser step until the parent says go; records the step."""
 
-        t0 = 0.0
-        rss0 = 0
-        t_opt = 0.0
+        t0 = t_opt = 0.0
 
-        def _go(self, state) -> None:
-            msg = conn.recv()
-            if msg != "go":
+        def _go(self) -> None:
+            if conn.recv() != "go":
                 raise SystemExit(0)
-            phases.clear()
-            self.n_metrics = len(state.log_history)
-            reset_peak_rss()
-            self.rss0 = _status_kib("VmRSS")
+            step.clear()
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                reset_peak_rss()
             self.t0 = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kw):
-            conn.send(("ready", {"rss_kib": _status_kib("VmRSS"), "out_dir": out_dir}))
-            self._go(state)
+            info["memory_before_mib"] = torch.cuda.memory_allocated() / 2**20 if cuda else _status_kib("VmRSS") / 1024
+            conn.send(("ready", info))
+            self._go()
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
+            sync()
             self.t_opt = time.perf_counter()
 
         def on_optimizer_step(self, args, state, control, **kw):
-            phases["optimizer"] += time.perf_counter() - self.t_opt
+            sync()
+            step["optimizer"] += time.perf_counter() - self.t_opt
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             wall = time.perf_counter() - self.t0
             rec = {
                 "step": state.global_step,
                 "wall_s": wall,
-                "samples": p * k,
-                "peak_rss_kib": _status_kib("VmHWM"),
-                "start_rss_kib": self.rss0,
-                "phases_s": dict(phases),
+                "phases_s": {ph: step.get(ph, 0.0) for ph in PHASES},
+                "tokens": int(step["tokens"]),
+                "task_tokens": int(step["task_tokens"]),
+                "sequences": int(step["sequences"]),
+                "truncated": int(step["truncated"]),
+                "decode_steps": int(step["decode_steps"]),
+                "prompt_hash": step.get("prompt_hash"),
+                "peak_mib": peak(),
+                "param_dtype": str(next(trainer.model.parameters()).dtype),
             }
             conn.send(("step", rec))
             if state.global_step < steps:
-                self._go(state)
+                self._go()
 
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the parent prints its own lines
     trainer.add_callback(Gate())
     trainer.train()
-    lengths = [h.get("sample/mean_length", h.get("completions/mean_length")) for h in trainer.state.log_history]
-    lengths = [x for x in lengths if x is not None]
-    conn.send(
-        (
-            "done",
-            {
-                "mean_completion_length_per_step": lengths,
-                "versions": {
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "trl": trl.__version__ if trl else "not installed",
-                },
-            },
-        )
-    )
+    conn.send(("done", {}))
     conn.close()
 
 
 # ----------------------------------------------------------------------------------------------
-# the parent: start the workers, alternate their steps, summarise
+# the parent: start the sides, alternate their steps, summarise
 
 
-def summarise(records: list[dict], warmup: int) -> dict:
-    timed = [r for r in records if r["step"] > warmup]
-    walls = [r["wall_s"] for r in timed]
-    sps = [r["samples"] / r["wall_s"] for r in timed]
-    phases = {ph: statistics.mean(r["phases_s"].get(ph, 0.0) for r in timed) for ph in PHASES}
-    phases["overhead"] = statistics.mean(r["wall_s"] - sum(r["phases_s"].values()) for r in timed)
+def side_summary(records: list[dict]) -> dict:
+    """One side's timed rounds."""
+    tok = sum(r["tokens"] for r in records)
+    wall = sum(r["wall_s"] for r in records)
+    samp = sum(r["phases_s"]["sampling"] for r in records)
+    tps = [r["tokens"] / r["wall_s"] for r in records]
     return {
-        "steps_timed": len(timed),
-        "wall_s": {
-            "median": statistics.median(walls),
-            "min": min(walls),
-            "max": max(walls),
-            "mean": statistics.mean(walls),
-        },
-        "samples_per_s": {"median": statistics.median(sps), "min": min(sps), "max": max(sps)},
-        # memory counts every step, the warm-up included: it allocates the optimiser state
-        "peak_rss_mib": max(r["peak_rss_kib"] for r in records) / 1024,
-        "phases_mean_s": phases,
+        "rounds": len(records),
+        "wall_s_median": statistics.median(r["wall_s"] for r in records),
+        "tokens_per_s": {"median": statistics.median(tps), "min": min(tps), "max": max(tps)},
+        "tokens_per_step": tok / len(records),
+        "task_tokens_per_step": sum(r.get("task_tokens", 0) for r in records) / len(records),
+        "mean_completion_tokens": tok / sum(r["sequences"] for r in records),
+        "truncated_share": sum(r["truncated"] for r in records) / sum(r["sequences"] for r in records),
+        "sampling_ms_per_token": 1000 * samp / tok,
+        "sampling_tokens_per_s": tok / samp,
+        "sampling_ms_per_decode_step": 1000 * samp / sum(r["decode_steps"] for r in records),
+        "rest_ms_per_token": 1000 * (wall - samp) / tok,
+        "phases_mean_s": {ph: statistics.fmean(r["phases_s"][ph] for r in records) for ph in PHASES},
+        "other_mean_s": statistics.fmean(r["wall_s"] - sum(r["phases_s"].values()) for r in records),
+        "wall_mean_s": wall / len(records),
+        "param_dtype": records[-1]["param_dtype"],
     }
 
 
-def paired_ratios(records: dict[str, list[dict]], name: str, base: str, warmup: int) -> dict:
-    """samples/s of ``name`` over ``base``, per round (the two steps ran back to back, under the same load)."""
-    r = [
-        (a["samples"] / a["wall_s"]) / (b["samples"] / b["wall_s"])
-        for a, b in zip(records[name], records[base])
-        if a["step"] > warmup
-    ]
-    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
-
-
-def comparisons(result: dict) -> list[tuple[str, str, str]]:
-    """(l3m trainer, what it is compared with, target) pairs present in this run."""
-    names = result["order"]
-    out = []
-    if "grpo" in names:
-        out += [(n, "grpo", t) for n, t in (("l3m_nosft", TARGET_NOSFT), ("l3m_sft", TARGET_SFT)) if n in names]
-        out += [(n, "grpo", "") for n in ("l3m_nosft_plain", "l3m_sft_plain") if n in names]
-    out += [(n, n + "_plain", "") for n in ("l3m_nosft", "l3m_sft") if n in names and n + "_plain" in names]
-    pairs = [("l3m_sft", "mm"), ("l3m_sft_chunks4", "mm_chunks4"), ("l3m_sft_chunks4", "l3m_sft"), ("mm_chunks4", "mm")]
-    pairs.append(("l3m_sft_clip", "l3m_sft"))
-    out += [(a, b, "") for a, b in pairs if a in names and b in names]
+def compare(records: dict[str, list[dict]], num: str, den: str) -> dict:
+    a, b = records[num], records[den]
+    step = lambda r: r["tokens"] / r["wall_s"]
+    samp = lambda r: r["tokens"] / r["phases_s"]["sampling"]
+    rest = lambda r: r["tokens"] / (r["wall_s"] - r["phases_s"]["sampling"])
+    out = {f: paired_ratio([g(r) for r in a], [g(r) for r in b]) for f, g in (("step", step), ("sampling", samp))}
+    out["rest"] = paired_ratio([rest(r) for r in a], [rest(r) for r in b])
+    out["wall_time"] = paired_ratio([r["wall_s"] for r in b], [r["wall_s"] for r in a])  # > 1: num is faster
     return out
 
 
-def markdown(result: dict) -> str:
-    cfg, s = result["config"], result["summary"]
+def fmt_ratio(r: dict) -> str:
+    return f"{r['ratio']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+
+
+def markdown(res: dict) -> str:
+    cfg, s = res["config"], res["sides"]
+    mem = "peak GPU MiB (max_memory_allocated)" if cfg["gpu"] else "peak RSS MiB (VmHWM)"
     lines = [
-        f"# One training step, side by side ({result['date']})",
+        f"# L3M step vs TRL GRPO step: {res['setting']}",
         "",
-        f"Machine: {result['machine']}; torch {result['versions']['torch']}, transformers "
-        f"{result['versions']['transformers']}, TRL {result['versions']['trl']}; one thread per trainer.",
-        f"Model SmolLM2-135M-Instruct (fp32); {cfg['prompts_per_step']} prompts x {cfg['num_generations']} samples "
-        f"= {cfg['prompts_per_step'] * cfg['num_generations']} samples per step, at most {cfg['max_new_tokens']} new "
-        f"tokens; AdamW lr {cfg['learning_rate']}, constant, gradient clipping 1; {cfg['steps']} timed steps per "
-        f"trainer after {cfg['warmup']} warm-up step(s), alternating {' '.join(result['order'])}; "
-        f"{result['elapsed_s'] / 60:.1f} minutes in all.",
+        f"Device: {res['device']} ({res['machine']}); torch {res['versions']['torch']}, transformers "
+        f"{res['versions']['transformers']}, TRL {res['versions']['trl']}.",
+        f"Model {cfg['model_name']}; {cfg['prompts']} prompts x {cfg['k']} samples per step, at most "
+        f"{cfg['max_new_tokens']} new tokens, temperature 1; AdamW lr {cfg['learning_rate']}, constant, clipping 1; "
+        f"{res['rounds_timed']} timed rounds after {cfg['warmup']} warm-up round(s), the order of the sides "
+        f"rotating each round ({', '.join(res['order'])}); {res['elapsed_s'] / 60:.1f} minutes in all.",
+        f"Same prompts on every side in every round: **{'yes' if res['same_prompts'] else 'NO'}** "
+        f"(hash of the prompt token ids each side sampled from).",
         "",
-        "| trainer | step wall s, median [min, max] | samples/s, median [min, max] | peak RSS MiB | "
-        "RSS before step 1 MiB | peak - before MiB | mean completion tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| side | generated tokens/s, median [min, max] | step s (median) | mean completion tokens | cut off at the "
+        f"cap | task-loss tokens per step | sampling ms/token | rest ms/token | {mem} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in s.items():
-        w, r = v["wall_s"], v["samples_per_s"]
+        t = v["tokens_per_s"]
         lines.append(
-            f"| {TRAINERS[name]} | {w['median']:.2f} [{w['min']:.2f}, {w['max']:.2f}] | "
-            f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}] | {v['peak_rss_mib']:.0f} | "
-            f"{v['rss_before_mib']:.0f} | {v['peak_rss_mib'] - v['rss_before_mib']:.0f} | "
-            f"{v['mean_completion_length']:.1f} |"
+            f"| {name}: {SIDES[name]} | {t['median']:.1f} [{t['min']:.1f}, {t['max']:.1f}] | {v['wall_s_median']:.2f} "
+            f"| {v['mean_completion_tokens']:.1f} | {100 * v['truncated_share']:.0f}% | "
+            f"{v.get('task_tokens_per_step', 0):.0f} | "
+            f"{v['sampling_ms_per_token']:.1f} | {v['rest_ms_per_token']:.1f} | {v['peak_mib']:.0f} |"
         )
-    comps = result.get("comparisons", [])
-    if comps:
-        lines += [
-            "",
-            "| comparison | samples/s ratio (of medians) | per-round ratio, median [min, max] | peak RSS ratio "
-            "| target |",
-            "|---|---|---|---|---|",
-        ]
-        for c in comps:
-            pr = c["paired"]
-            lines.append(
-                f"| {TRAINERS[c['trainer']]} / {TRAINERS[c['baseline']]} | {c['speed_ratio']:.2f}x | "
-                f"{pr['median']:.2f}x [{pr['min']:.2f}, {pr['max']:.2f}] | {c['memory_ratio']:.2f}x | "
-                f"{c['target']} |"
-            )
     lines += [
         "",
-        "Mean seconds per step in each phase (overhead = wall time minus the phases):",
+        "Paired ratios of generated tokens per second (> 1: the first side is faster), geometric mean over the "
+        "rounds [95% t-interval]; for the whole step, the sampling phase alone, and the rest of the step:",
         "",
-        "| trainer | " + " | ".join(PHASES) + " | overhead | wall |",
+        "| comparison | whole step | sampling | rest of the step | step wall-time ratio (no normalisation) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in res["comparisons"]:
+        lines.append(
+            f"| {c['label']} (`{c['num']}` / `{c['den']}`) | {fmt_ratio(c['step'])} | {fmt_ratio(c['sampling'])} | "
+            f"{fmt_ratio(c['rest'])} | {fmt_ratio(c['wall_time'])} |"
+        )
+    if res.get("decomposition"):
+        d = res["decomposition"]
+        lines += [
+            "",
+            f"Decomposition of the whole-step ratio: {' x '.join(f'{x:.3f}' for x in d['factors'])} = "
+            f"{d['product']:.3f} (l3m / trl measured directly: {d['whole']:.3f}).",
+        ]
+    lines += [
+        "",
+        "Mean seconds per step in each phase (other = wall time minus the phases):",
+        "",
+        "| side | " + " | ".join(PHASES) + " | other | wall |",
         "|---|" + "---|" * (len(PHASES) + 2),
     ]
     for name, v in s.items():
         ph = v["phases_mean_s"]
-        lines.append(
-            f"| {TRAINERS[name]} | "
-            + " | ".join(f"{ph[x]:.2f}" if ph[x] >= 0.1 else f"{ph[x]:.3f}" for x in (*PHASES, "overhead"))
-            + f" | {v['wall_s']['mean']:.2f} |"
-        )
+        cells = [ph[x] for x in PHASES] + [v["other_mean_s"]]
+        lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in cells) + f" | {v['wall_mean_s']:.2f} |")
     lines += [
         "",
-        "Phases: generation = sampling the completions (TRL's includes tokenising the prompts); scoring = the "
-        "reward function / the constraints; forward = `compute_loss` (the log-probability forward pass and the "
-        "loss); backward = `accelerator.backward`; optimizer = gradient clipping and `optimizer.step`; "
-        "overhead = the rest (data loading, decoding, advantages or weights, logging). Peak RSS: the kernel's "
-        "high-water mark of each trainer's process (VmHWM, reset before every step), warm-up step included.",
+        "Phases: sampling = drawing the completions (TRL: `_generate_single_turn`; l3m: `L3MTrainer.sample`); "
+        "rewards = the reward function / the constraints; loss_forward = `compute_loss` (the log-prob forward and "
+        "the loss); backward = `accelerator.backward`; optimizer = gradient clipping and `optimizer.step`; other = "
+        "the rest (data, tokenising, decoding, advantages or weights, logging). Generated tokens count each "
+        "completion up to and including its end token.",
     ]
+    notes = list(res.get("notes") or [])
+    dtypes = {name: v["param_dtype"] for name, v in s.items()}
+    if len(set(dtypes.values())) > 1:  # e.g. TRL's continuous batching casts the model to bf16 under bf16=True
+        notes.append("parameter dtype after the last step: " + ", ".join(f"{n} {d}" for n, d in dtypes.items()))
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per trainer (default 5)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps per trainer (default 1)")
-    ap.add_argument("--quick", action="store_true", help="2 timed steps, 2 prompts x 4 samples, 24 tokens")
-    ap.add_argument("--prompts-per-step", type=int, default=4)
-    ap.add_argument("--num-generations", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--gpu", action="store_true", help="one CUDA GPU: bf16 mixed precision, GPU sides and sizes")
+    ap.add_argument("--model", default="default", help="default | random-1b | a local model directory")
+    ap.add_argument("--sides", default=None, help=f"comma-separated (CPU default {CPU_SIDES}; GPU {GPU_SIDES})")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step (CPU default 2; GPU 8)")
+    ap.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="CPU default 32; GPU 128")
+    ap.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed first rounds (CPU default 1; GPU 3)")
     ap.add_argument("--learning-rate", type=float, default=1e-5)
     ap.add_argument("--length-limit", type=int, default=32, help="l3m's constraint: mean length <= this")
-    ap.add_argument("--trainers", default="grpo,l3m_nosft,l3m_sft", help="comma-separated, in alternation order")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per side (default 1)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop starting rounds after this long")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the .json and .md results")
-    ap.add_argument(
-        "--tag", default=None, help="results file name: bench_<tag>.json/.md (default: vs_trl, or quick with --quick)"
-    )
+    ap.add_argument("--name", default=None, help="results file name without suffix (default: from the setting)")
     a = ap.parse_args(argv)
-    a.tag = a.tag or ("quick" if a.quick else "vs_trl")
-    if a.quick:
-        a.steps, a.prompts_per_step, a.max_new_tokens = 2, 2, 24
-    order = [t.strip() for t in a.trainers.split(",") if t.strip()]
-    unknown = [t for t in order if t not in TRAINERS]
+    a.sides = a.sides or (GPU_SIDES if a.gpu else CPU_SIDES)
+    a.prompts = a.prompts or (8 if a.gpu else 2)
+    a.max_new_tokens = a.max_new_tokens or (128 if a.gpu else 32)
+    a.warmup = a.warmup if a.warmup is not None else (3 if a.gpu else 1)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    order = [t.strip() for t in a.sides.split(",") if t.strip()]
+    unknown = [t for t in order if t not in SIDES]
     if unknown:
-        ap.error(f"unknown trainer(s) {unknown}; choose from {list(TRAINERS)}")
+        sys.exit(f"unknown side(s) {unknown}; choose from {list(SIDES)}")
     import importlib.util
 
-    if "grpo" in order and importlib.util.find_spec("trl") is None:
-        ap.error('TRL is not installed: pip install -e ".[bench]" (a benchmark-only dependency)')
-    if not reset_peak_rss():
+    if importlib.util.find_spec("trl") is None:
+        sys.exit('TRL is not installed: pip install -e ".[bench]" (a benchmark-only dependency)')
+    import torch
+
+    if a.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu: no CUDA device here")
+    from l3m.config import L3MConfig
+
+    notes = []
+    if "sampler" not in {f.name for f in dataclasses.fields(L3MConfig)}:
+        dropped = [s for s in order if L3M_SAMPLER.get(s, "hf") != "hf"]
+        if dropped:
+            msg = f"L3MConfig has no `sampler` setting: l3m samples with generate (hf) only; left out: {dropped}"
+            print(msg)
+            notes.append(msg)
+            order = [s for s in order if s not in dropped]
+    if not a.gpu and not reset_peak_rss():
         print("warning: cannot reset the peak RSS (/proc/self/clear_refs): memory is the process-lifetime peak")
+    model_name = {"default": "SmolLM2-135M-Instruct (fp32)", "random-1b": "random Llama ~1.0B"}.get(a.model)
+    model_name = model_name or Path(a.model).name
+    if a.gpu:
+        model_name += ", bf16 mixed precision"
+    short = {"default": "smollm2-135m"}.get(a.model, Path(a.model).name.lower())
+    setting = f"{'gpu' if a.gpu else 'cpu'}, {short}, {a.prompts}x{a.k}x{a.max_new_tokens}"
+    name = a.name or f"vs_trl_{'gpu' if a.gpu else 'cpu'}_{short}_{a.prompts}x{a.k}x{a.max_new_tokens}"
     cfg = {
-        "steps": a.steps,
-        "warmup": a.warmup,
-        "total_steps": a.steps + a.warmup,
-        "prompts_per_step": a.prompts_per_step,
-        "num_generations": a.num_generations,
+        "gpu": a.gpu,
+        "model": a.model,
+        "model_name": model_name,
+        "prompts": a.prompts,
+        "k": a.k,
         "max_new_tokens": a.max_new_tokens,
+        "warmup": a.warmup,
+        "rounds": a.rounds,
+        "total_steps": a.warmup + a.rounds,
         "learning_rate": a.learning_rate,
         "length_limit": a.length_limit,
         "seed": a.seed,
+        "threads": a.threads,
     }
-    os.environ["OMP_NUM_THREADS"] = "1"
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     procs, conns, ready = {}, {}, {}
     t_start = time.time()
-    for name in order:  # one at a time: loading in parallel would only contend for the two cores
+
+    def receive(side: str, kind: str):
+        try:
+            got, payload = conns[side].recv()
+        except EOFError:
+            got, payload = "error", f"{side}: the process ended without a word (exit code {procs[side].exitcode})"
+        if got == "error":
+            for proc in procs.values():  # the processes this run started, one by one
+                if proc.is_alive():
+                    proc.terminate()
+            sys.exit(f"{side} failed:\n{payload}")
+        assert got == kind, (side, got, kind)
+        return payload
+
+    for side in order:  # one at a time: loading in parallel would only contend for the cores
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(name, cfg, child), daemon=True)
-        proc.start()
-        procs[name], conns[name] = proc, parent
-        kind, info = parent.recv()
-        assert kind == "ready", kind
-        ready[name] = info
-        print(f"{name}: ready, RSS {info['rss_kib'] / 1024:.0f} MiB", flush=True)
-    records: dict[str, list[dict]] = {n: [] for n in order}
-    for step in range(1, cfg["total_steps"] + 1):
-        for name in order:
-            conns[name].send("go")
-            kind, rec = conns[name].recv()
-            assert kind == "step", kind
-            records[name].append(rec)
+        procs[side] = ctx.Process(target=worker, args=(side, cfg, child), daemon=True)
+        procs[side].start()
+        conns[side] = parent
+        ready[side] = receive(side, "ready")
+        print(f"{side}: ready ({ready[side]})", flush=True)
+    records: dict[str, list[dict]] = {s: [] for s in order}
+    rounds_run = 0
+    for r in range(cfg["total_steps"]):
+        t_round = time.time()
+        for side in order[r % len(order) :] + order[: r % len(order)]:
+            conns[side].send("go")
+            rec = receive(side, "step")
+            rec["round"] = r
+            records[side].append(rec)
             print(
-                f"step {step} {name}: {rec['wall_s']:.2f} s, peak RSS {rec['peak_rss_kib'] / 1024:.0f} MiB, "
-                + ", ".join(f"{k} {v:.2f}" for k, v in rec["phases_s"].items()),
+                f"round {r} {side}: {rec['wall_s']:.2f} s, {rec['tokens']} tokens, {rec['tokens'] / rec['wall_s']:.1f} "
+                f"tok/s, peak {rec['peak_mib']:.0f} MiB, "
+                + ", ".join(f"{ph} {x:.2f}" for ph, x in rec["phases_s"].items()),
                 flush=True,
             )
-    done = {}
-    for name in order:
-        kind, info = conns[name].recv()
-        assert kind == "done", kind
-        done[name] = info
-        procs[name].join(timeout=60)
-    summary = {}
-    for name in order:
-        v = summarise(records[name], a.warmup)
-        v["rss_before_mib"] = ready[name]["rss_kib"] / 1024
-        lens = done[name]["mean_completion_length_per_step"]
-        v["mean_completion_length"] = statistics.mean(lens) if lens else float("nan")
-        summary[name] = v
-    result = {
+        rounds_run = r + 1
+        spent = (time.time() - t_start) / 60
+        if a.max_minutes and r + 1 < cfg["total_steps"] and spent + (time.time() - t_round) / 60 > a.max_minutes:
+            msg = f"stopped after {rounds_run - a.warmup} timed rounds (--max-minutes {a.max_minutes})"
+            print(msg)
+            notes.append(msg)
+            break
+    if rounds_run < cfg["total_steps"]:
+        for proc in procs.values():
+            proc.terminate()
+    else:
+        for s in order:
+            receive(s, "done")
+            procs[s].join(timeout=60)
+    timed = {s: [x for x in recs if x["round"] >= a.warmup] for s, recs in records.items()}
+    if not timed[order[0]]:
+        sys.exit("no timed rounds")
+    hashes = [{timed[s][i]["prompt_hash"] for s in order} for i in range(len(timed[order[0]]))]
+    same = all(len(h) == 1 for h in hashes)
+    if not same:
+        print("WARNING: the sides sampled from different prompts in some round")
+    sides = {}
+    for s in order:
+        v = side_summary(timed[s])
+        v["peak_mib"] = max(x["peak_mib"] for x in records[s])  # the warm-up included: optimiser state, caches
+        v["memory_before_mib"] = ready[s]["memory_before_mib"]
+        v["worker"] = ready[s]
+        sides[s] = v
+    comparisons = [
+        {"num": n, "den": d, "label": label, **compare(timed, n, d)}
+        for n, d, label in COMPARISONS
+        if n in order and d in order
+    ]
+    res = {
+        "setting": setting,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), {platform.python_version()}",
-        "versions": done[order[0]]["versions"],
+        "device": ready[order[0]]["device"],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}",
+        "versions": ready[order[0]]["versions"],
         "config": cfg,
         "order": order,
+        "rounds_timed": len(timed[order[0]]),
         "elapsed_s": time.time() - t_start,
+        "same_prompts": same,
+        "sides": sides,
+        "comparisons": comparisons,
         "records": records,
-        "mean_completion_length_per_step": {n: done[n]["mean_completion_length_per_step"] for n in order},
-        "summary": summary,
+        "notes": notes,
     }
-    result["comparisons"] = [
-        {
-            "trainer": n,
-            "baseline": base,
-            "target": target,
-            "speed_ratio": summary[n]["samples_per_s"]["median"] / summary[base]["samples_per_s"]["median"],
-            "paired": paired_ratios(records, n, base, a.warmup),
-            "memory_ratio": summary[n]["peak_rss_mib"] / summary[base]["peak_rss_mib"],
+    if all(n in order and d in order for n, d in DECOMPOSITION):
+        factors = [compare(timed, n, d)["step"]["ratio"] for n, d in DECOMPOSITION]
+        res["decomposition"] = {
+            "factors": factors,
+            "labels": [f"{n} / {d}" for n, d in DECOMPOSITION],
+            "product": math.prod(factors),
+            "whole": compare(timed, "l3m", "trl")["step"]["ratio"],
         }
-        for n, base, target in comparisons(result)
-    ]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_{a.tag}.json").write_text(json.dumps(result, indent=2))
-    md = markdown(result)
-    (out / f"bench_{a.tag}.md").write_text(md)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    (out / f"{name}.md").write_text(md)
     print(md)
-    print(f"wrote {out / f'bench_{a.tag}.json'} and .md in {result['elapsed_s']:.0f} s")
-    return 0
+    print(f"wrote {out / name}.json and .md in {res['elapsed_s']:.0f} s")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ SHARED = REPO.parent / "shared" / "data"
 PREF = SHARED / "preference"
 RM_DATA = {
     "helpful": [PREF / "helpful" / "pandalm_testset_v1.json", PREF / "helpful" / "autoj_testdata_pairwise.jsonl"],
-    # HH-RLHF alone: on HH's held-out pairs, adding 1,500 PKU-SafeRLHF pairs to the training pairs did not help
-    # (see the README); PKU's prompts still serve as harmful sampling prompts below
+    # HH-RLHF alone: on HH's held-out pairs, adding PKU-SafeRLHF pairs to the training pairs did not help
+    # (rm_choices/finetune.md); PKU's prompts still serve as harmful sampling prompts below
     "harmless": [PREF / "harmless" / "hh_rlhf_harmless_base_dev.jsonl.gz"],
 }
 HARMFUL_PROMPTS = [
@@ -86,7 +86,8 @@ FULL = {
     "eval": {"n_prompts": 160, "n_ppl": 200, "k": 2, "max_new_tokens": 96, "temperature": 0.8, "batch_size": 16},
 }
 # The 2-core CPU of this project's machines: reward models with a frozen 7-layer backbone and a fitted head
-# (training.head_only; see the README for why 7 layers), short runs, shorter samples, fewer evaluation prompts.
+# (training.head_only; rm_choices/layer_probe.log for why 7 layers), short runs, shorter samples, fewer evaluation
+# prompts.
 CPU = {
     "rm": {
         "head_only": True,
@@ -98,7 +99,7 @@ CPU = {
     "rm_layers": 7,
     "rm_heldout_fraction": 0.2,
     # then fine-tune the harmless model whole, starting from its fitted head (linear probe, then fine-tuning): the
-    # head alone reached 0.634 on HH held-out pairs, this 0.647 (about 30 min on the CPU; see the README). The
+    # head alone reached 0.634 on HH held-out pairs, this 0.647 (about 30 min on the CPU; rm_choices/finetune.md). The
     # helpful model met its target with the head alone and is not fine-tuned, to save that half hour.
     "rm_finetune": {
         "harmless": {
@@ -123,13 +124,6 @@ CPU = {
         "lr_scheduler_type": "linear",
         "max_length": 256,
         "constraint_ema": 0.5,
-        # each micro-batch's loss back-propagated in 4 chunks of 1 prompt (its 4 samples, and a task row): the same
-        # gradient, a quarter of the activations alive at once, the same sampling. SFT has no samples: one pass.
-        # The results made before stop 14 took one pass: results_one_pass/ (re-created with --set loss_chunks=1)
-        "loss_chunks": 4,
-        # the samples are scored at the sampling temperature (score_temperature, the default). The results made
-        # before stop 13 scored them at temperature 1: results_T1_scores/ (re-created with
-        # --set score_temperature=false)
     },
     "mm": FULL["mm"],
     "deltas": FULL["deltas"],
@@ -322,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a training setting of every SFT, L3M and MM run, e.g. --set score_temperature=false "
-        "(repeatable)",
+        help="override a training setting of every SFT, L3M and MM run, e.g. --set learning_rate=1e-4 (repeatable)",
     )
     p.add_argument(
         "--mm",
@@ -540,12 +533,12 @@ def main(argv: list[str] | None = None) -> int:
             "training": {**base_training, "output_dir": rel(runs / f"l3m_{pt['name']}")},
         }
         mm_cfg = {
+            "method": "minimax",
             "model": sft["output_dir"],
             **common,
             "training": {
                 **base_training,
                 **mm_settings,
-                "method": "minimax",
                 "ref_model": sft["output_dir"],
                 "output_dir": rel(runs / f"mm_{pt['name']}"),
             },

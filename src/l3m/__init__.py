@@ -12,6 +12,7 @@ from l3m.constraints import (
     LengthConstraint,
     RewardConstraint,
     SampleBatch,
+    TruncationConstraint,
     build_constraints,
 )
 from l3m.errors import L3MUserError, NonFiniteError
@@ -30,6 +31,7 @@ __all__ = [
     "NonFiniteError",
     "RewardConstraint",
     "SampleBatch",
+    "TruncationConstraint",
     "build_constraints",
     "lagrange_multipliers",
     "relaxed_log_barrier",

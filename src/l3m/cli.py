@@ -27,19 +27,19 @@ def _demo_config_path() -> Path:
 
 def build_run(cfg: dict) -> dict[str, Any]:
     """Everything a run needs, from a validated config: args, model, tokenizer, data, constraints."""
-    from l3m.config import L3MConfig
     from l3m.constraints import build_constraints
     from l3m.data import load_examples, split_heldout
     from l3m.models import check_model_exists, load_causal_lm, load_tokenizer
-    from l3m.runconfig import resolve_data_path
+    from l3m.runconfig import method_classes, resolve_data_path
 
     model_name = cfg.get("model", "default")
+    config_class, trainer_class = method_classes(cfg.get("method", "l3m"))
     check_model_exists(model_name)
     training = dict(cfg.get("training") or {})
     resume = training.pop("resume_from_checkpoint", None)
     training.setdefault("output_dir", "runs/l3m")
     try:
-        args = L3MConfig(**training)
+        args = config_class(**training)
     except (ValueError, TypeError) as exc:
         raise L3MUserError(f"training: {exc}") from None
     base = cfg.get("_base_dir", ".")
@@ -64,6 +64,7 @@ def build_run(cfg: dict) -> dict[str, Any]:
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **cfg["peft"])
     return dict(
+        trainer_class=trainer_class,
         args=args,
         model=model,
         tokenizer=tok,
@@ -76,6 +77,13 @@ def build_run(cfg: dict) -> dict[str, Any]:
     )
 
 
+def _command(config_path: str | None, overrides: list[str]) -> str:
+    """The command that reproduces a run."""
+    import shlex
+
+    return " ".join(["l3m train", shlex.quote(config_path or "CONFIG.yaml"), *map(shlex.quote, overrides)])
+
+
 def _resume_hint(config_path: str | None, overrides: list[str]) -> str:
     parts = ["l3m train", config_path or "CONFIG.yaml", *[o for o in overrides if "resume_from_checkpoint" not in o]]
     return " ".join(parts + ["training.resume_from_checkpoint=true"])
@@ -85,8 +93,8 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
     """Train from a YAML config; returns the run summary (also written to ``summary.json``)."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    from l3m.errors import ConstraintFunctionError
     from l3m.runconfig import load_run_config
-    from l3m.trainer import ConstraintFunctionError, L3MTrainer
 
     cfg = load_run_config(config_path, overrides)
     run = build_run(cfg)
@@ -98,7 +106,7 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
             raise L3MUserError(f"training.resume_from_checkpoint: no checkpoint found in '{args.output_dir}'")
     elif resume in (False, None, "false"):
         resume = None
-    trainer = L3MTrainer(
+    trainer = run["trainer_class"](
         run["model"],
         args=args,
         train_dataset=run["train"],
@@ -108,6 +116,14 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
         prompt_dataset=run["prompts"],
         peft_config=run["peft_config"],
     )
+    trainer.model_card_info = {
+        "base_model": cfg.get("model", "default"),
+        "method": cfg.get("method", "l3m"),
+        "data": {k: v for k, v in (cfg.get("data") or {}).items() if v is not None},
+        "constraints": cfg.get("constraints") or [],
+        "peft": cfg.get("peft"),
+        "command": _command(config_path, overrides),
+    }
     try:
         trainer.train(resume_from_checkpoint=resume)
     except (NonFiniteError, ConstraintFunctionError) as exc:
@@ -162,8 +178,9 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
         "steps": trainer.state.global_step,
         "constraints": trainer.constraint_summary(),
         "metrics_file": os.path.join(args.output_dir, "metrics.jsonl"),
-        # average_tail: the saved weights are the mean of those after each of the last `weights_averaged` steps
-        "weights_averaged": trainer.tail_average.count if trainer.tail_average else 0,
+        # experimental average_tail: the saved weights are the mean of those after each of the last n steps
+        "weights_averaged": getattr(getattr(trainer, "tail_average", None), "count", 0),
+        "selected_checkpoint": trainer.heldout.selected,
     }
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
@@ -211,8 +228,8 @@ def _print_summary(summary: dict) -> None:
 
 def run_generate(ns: argparse.Namespace) -> None:
     from l3m.data import Example, load_examples
-    from l3m.evaluation import sample_responses
     from l3m.models import check_model_exists, load_causal_lm, load_tokenizer
+    from l3m.sampling import sample_examples
 
     check_model_exists(ns.model, "--model")
     if ns.prompts_file:
@@ -223,23 +240,22 @@ def run_generate(ns: argparse.Namespace) -> None:
         raise L3MUserError("give --prompt TEXT (repeatable) or --prompts-file FILE")
     tok = load_tokenizer(ns.model)
     model = load_causal_lm(ns.model)
-    s = sample_responses(
+    b = sample_examples(
         model,
         tok,
         examples,
         k=ns.num_samples,
         max_new_tokens=ns.max_new_tokens,
         temperature=ns.temperature,
-        top_p=ns.top_p,
         seed=ns.seed,
         progress=len(examples) > 8,
     )
-    b = s.batch
     for i, comp in enumerate(b.completions):
+        n, cut = int(b.lengths[i]), bool(b.truncated[i])
         if ns.json:
-            print(json.dumps({"prompt": b.prompts[i], "completion": comp, "length": int(b.lengths[i])}))
+            print(json.dumps({"prompt": b.prompts[i], "completion": comp, "length": n, "truncated": cut}))
         else:
-            print(f"### {b.prompts[i]}\n{comp}\n[{int(b.lengths[i])} tokens]\n")
+            print(f"### {b.prompts[i]}\n{comp}\n[{n} tokens{', cut off' if cut else ''}]\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,8 +263,13 @@ def run_generate(ns: argparse.Namespace) -> None:
 
 
 def run_demo(ns: argparse.Namespace) -> None:
+    """Train the embedded default, then evaluate the initial and the trained model side by side on held-out data."""
+    import yaml
+
     from l3m.constraints import build_constraints
-    from l3m.evaluation import constraint_report, sample_responses
+    from l3m.evaluation import evaluate_model, print_rich, write_outputs
+    from l3m.model_card import update_model_card_with_evaluation
+    from l3m.models import load_causal_lm
 
     overrides = [f"training.output_dir={ns.output_dir}"]
     if ns.max_steps:
@@ -258,28 +279,25 @@ def run_demo(ns: argparse.Namespace) -> None:
     summary = run_train(cfg_path, overrides)
     trainer = summary["_trainer"]
     heldout = summary["_heldout"][: ns.eval_prompts]
-    import yaml
-
-    specs = yaml.safe_load(open(cfg_path))["constraints"]
-    cons = build_constraints(specs)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    samples = sample_responses(
-        model,
-        trainer.processing_class,
-        heldout,
-        k=2,
-        max_new_tokens=trainer.args.max_new_tokens,
-        temperature=trainer.args.temperature,
-    )
-    report = constraint_report(cons, samples)
+    cfg = yaml.safe_load(open(cfg_path))
+    cons = build_constraints(cfg["constraints"])
+    args, tok = trainer.args, trainer.processing_class
+    settings = dict(k=2, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0, progress=False)
+    print(f"\nevaluating the initial and the trained model on {len(heldout)} held-out prompts x 2 samples ...")
+    results = [
+        evaluate_model(load_causal_lm(cfg["model"]), tok, cons, heldout, name="initial model", **settings),
+        evaluate_model(trainer.accelerator.unwrap_model(trainer.model), tok, cons, heldout, name="trained", **settings),
+    ]
+    write_outputs(results, os.path.join(ns.output_dir, "heldout_eval"))
+    update_model_card_with_evaluation(ns.output_dir, results[1])
     first = json.loads(open(summary["metrics_file"]).readline())
-    with open(os.path.join(ns.output_dir, "heldout_constraints.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print()
-    print(f"checkpoint (loads with AutoModelForCausalLM.from_pretrained): {ns.output_dir}")
-    print(f"metrics: {summary['metrics_file']}")
-    print(f"mean sampled length at the first step: {first.get('sample/mean_length', float('nan')):.1f} tokens")
-    for r in report:
+    print_rich(results)
+    print(f"checkpoint (loads with AutoModelForCausalLM.from_pretrained): {ns.output_dir}  (model card: README.md)")
+    print(f"metrics: {summary['metrics_file']}; held-out evaluation: {ns.output_dir}/heldout_eval.md")
+    print(f"mean sampled length at the first training step: {first.get('sample/mean_length', float('nan')):.1f} tokens")
+    ppl0, ppl1 = (r["task_logppl"]["mean"] for r in results)
+    print(f"held-out task log-perplexity: {ppl0:.3f} (initial) -> {ppl1:.3f} (trained)")
+    for r in results[1]["constraints"]:
         lo, hi = r["ci95"]
         print(
             f"held-out ({len(heldout)} prompts x 2 samples): {r['constraint']}: mean {r['mean_raw']:.1f} tokens, "
@@ -305,7 +323,6 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -345,6 +362,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-file loading and saving bars; the training bar stays
     ns = make_parser().parse_args(argv)
     try:
         if ns.command == "train":

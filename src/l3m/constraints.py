@@ -34,6 +34,7 @@ class SampleBatch:
     lengths: torch.Tensor  # response length in tokens, the end-of-turn token not counted
     group_ids: torch.Tensor  # which prompt each response belongs to
     extra: dict[str, Any] = field(default_factory=dict)
+    truncated: torch.Tensor | None = None  # bool per response: cut off at max_new_tokens without an end token
 
 
 @dataclass
@@ -50,41 +51,24 @@ class ConstraintState:
         return self.value <= 0
 
 
-GRADIENTS = ("sequence", "stop", "shift")
-
-
 class Constraint:
     """Base class: subclasses implement :meth:`raw`; ``c = sign * (raw - threshold) / scale``.
 
-    ``gradient`` picks the log-probability the score-function estimate of grad C multiplies (method.md section 3):
-    ``"sequence"`` (default, the method's): the whole response's, ``sum_t log pi(y_t | x, y_<t)``, unbiased.
-    ``"stop"`` (ours): only the stop-or-go decisions, ``sum_t log P(d_t)`` with ``P(stop) = sum of pi over the end
-    tokens`` (``d_t = stop`` at the response's end token, ``go`` before it). That is the exact gradient with
-    respect to *where the model stops*, with what it says held fixed: biased (it leaves out how the words chosen
-    move later stops), with no variance from the words, and with no direct gradient to how the words share the
-    non-end probability. Meant for quantities of the length alone; measured to help for lower bounds on it (README).
-    ``"shift"`` (ours): the stop estimator projected on one direction, a uniform shift ``delta`` of every stop
-    log-odds ``s_t = log P(stop) - log P(go)``. The step's samples estimate the scalar
-    ``dC/d delta = E[(c - b) sum_t (1[d_t = stop] - P_t(stop))]``, and the surrogate is that scalar times the mean of
-    ``s_t`` over the step's decisions, so the update moves every stop decision the samples made alike, as an end-token
-    bias would, instead of most where the model is most likely to stop. Why: the stop estimator's push concentrates
-    on the most common stopping points (the task data's own ends), which the task loss then pays for (README).
+    The score-function estimate of grad C multiplies ``c`` by the whole response's log-probability,
+    ``sum_t log pi(y_t | x, y_<t)`` (method.md section 3).
     """
 
     kind = "constraint"
 
-    def __init__(self, name: str, threshold: float, direction: str, scale: float = 1.0, gradient: str = "sequence"):
+    def __init__(self, name: str, threshold: float, direction: str, scale: float = 1.0):
         if direction not in ("at_least", "at_most"):
             raise ValueError(f"direction must be 'at_least' or 'at_most', got {direction!r}")
         if not scale > 0:
             raise L3MUserError(f"constraint '{name}': scale must be > 0, got {scale}")
-        if gradient not in GRADIENTS:
-            raise L3MUserError(f"constraint '{name}': gradient must be one of {list(GRADIENTS)}, got {gradient!r}")
         self.name = name
         self.threshold = float(threshold)
         self.direction = direction
         self.scale = float(scale)
-        self.gradient = gradient
         self.state = ConstraintState()
 
     # The underlying per-response quantity (tokens, reward, ...). Subclasses share work through ``cache``.
@@ -103,8 +87,7 @@ class Constraint:
     quantity = "value"
 
     def __repr__(self) -> str:
-        grad = "" if self.gradient == "sequence" else f", gradient={self.gradient}"
-        return f"{type(self).__name__}({self.describe()}, scale={self.scale:g}{grad})"
+        return f"{type(self).__name__}({self.describe()}, scale={self.scale:g})"
 
 
 class LengthConstraint(Constraint):
@@ -113,16 +96,44 @@ class LengthConstraint(Constraint):
     kind = "length"
     quantity = "length (tokens)"
 
-    def __init__(
-        self, limit: float, bound: str = "max", name: str | None = None, scale: float = 1.0, gradient: str = "sequence"
-    ):
+    def __init__(self, limit: float, bound: str = "max", name: str | None = None, scale: float = 1.0):
         if bound not in ("min", "max"):
             raise ValueError(f"bound must be 'min' or 'max', got {bound!r}")
         direction = "at_most" if bound == "max" else "at_least"
-        super().__init__(name or f"length_{bound}", limit, direction, scale, gradient)
+        super().__init__(name or f"length_{bound}", limit, direction, scale)
 
     def raw(self, batch: SampleBatch, cache: dict) -> torch.Tensor:
         return batch.lengths.float()
+
+
+class TruncationConstraint(Constraint):
+    """Share of responses cut off at ``max_new_tokens`` without an end token at most ``at_most`` (in [0, 1]).
+
+    Per response ``raw = 1`` when it was cut off and ``0`` otherwise, so the mean raw quantity is the cut-off
+    share and ``c = (1[cut off] - at_most) / scale``.
+    """
+
+    kind = "truncated"
+    quantity = "cut-off share"
+
+    def __init__(self, at_most: float, name: str | None = None, scale: float = 1.0):
+        name = name or "truncated"
+        if isinstance(at_most, bool) or not isinstance(at_most, (int, float)) or not 0 <= at_most <= 1:
+            raise L3MUserError(f"constraint '{name}': 'at_most' must be a share in [0, 1], got {at_most!r}")
+        super().__init__(name, at_most, "at_most", scale)
+
+    def raw(self, batch: SampleBatch, cache: dict) -> torch.Tensor:
+        if batch.truncated is None:
+            raise L3MUserError(
+                f"constraint '{self.name}' needs to know which responses were cut off at max_new_tokens, "
+                "but the sample batch has no 'truncated' flags"
+            )
+        flags = torch.as_tensor(batch.truncated).flatten()
+        if flags.numel() != len(batch.completions):
+            raise L3MUserError(
+                f"constraint '{self.name}': {flags.numel()} 'truncated' flags for {len(batch.completions)} responses"
+            )
+        return flags.float()
 
 
 class RewardConstraint(Constraint):
@@ -172,13 +183,17 @@ class FunctionConstraint(RewardConstraint):
     kind = "function"
     quantity = "value"
 
-    def __init__(self, fn: RewardFn, at_least=None, at_most=None, name=None, scale=1.0, gradient="sequence"):
+    def __init__(
+        self,
+        fn: RewardFn,
+        at_least: float | None = None,
+        at_most: float | None = None,
+        name: str | None = None,
+        scale: float = 1.0,
+    ):
         if at_least is None and at_most is None:
             at_most = 0.0
         super().__init__(fn, at_least=at_least, at_most=at_most, name=name, scale=scale)
-        if gradient not in GRADIENTS:
-            raise L3MUserError(f"constraint '{self.name}': gradient must be one of {list(GRADIENTS)}, got {gradient!r}")
-        self.gradient = gradient
 
 
 def _callable_name(fn: Any) -> str:
@@ -233,9 +248,10 @@ def leave_one_out_baseline(values: torch.Tensor, group_ids: torch.Tensor) -> tor
 # Building constraints from a config (a list of dicts, as in the YAML file)
 
 _KIND_FIELDS = {
-    "length": {"kind", "name", "scale", "gradient", "min", "max"},
+    "length": {"kind", "name", "scale", "min", "max"},
     "reward": {"kind", "name", "scale", "at_least", "at_most", "model", "function", "batch_size", "max_length"},
-    "function": {"kind", "name", "scale", "gradient", "at_least", "at_most", "function"},
+    "function": {"kind", "name", "scale", "at_least", "at_most", "function"},
+    "truncated": {"kind", "name", "scale", "at_most"},
 }
 
 
@@ -281,6 +297,11 @@ def validate_constraint_specs(specs: Any) -> None:
                 f"{where}: unknown constraint kind {kind!r}{did_you_mean(str(kind), _KIND_FIELDS)}; "
                 f"expected one of {sorted(_KIND_FIELDS)}"
             )
+        if kind == "truncated" and "at_least" in spec:
+            raise L3MUserError(
+                f"{where}: a truncated constraint takes 'at_most' (the largest allowed share of responses cut off "
+                "at max_new_tokens, in [0, 1]), not 'at_least'"
+            )
         for key in spec:
             if key not in _KIND_FIELDS[kind]:
                 raise L3MUserError(
@@ -288,13 +309,11 @@ def validate_constraint_specs(specs: Any) -> None:
                     f"allowed: {sorted(_KIND_FIELDS[kind])}"
                 )
         for key in ("min", "max", "at_least", "at_most", "scale"):
-            if key in spec and not isinstance(spec[key], (int, float)):
+            if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], (int, float))):
                 raise L3MUserError(f"{where}: '{key}' must be a number, got {spec[key]!r}")
         for key in ("batch_size", "max_length"):
             if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1):
                 raise L3MUserError(f"{where}: '{key}' must be a positive integer, got {spec[key]!r}")
-        if "gradient" in spec and spec["gradient"] not in GRADIENTS:
-            raise L3MUserError(f"{where}: 'gradient' must be one of {list(GRADIENTS)}, got {spec['gradient']!r}")
         if "scale" in spec and not spec["scale"] > 0:
             raise L3MUserError(f"{where}: 'scale' must be > 0, got {spec['scale']}")
         if kind == "length":
@@ -305,6 +324,16 @@ def validate_constraint_specs(specs: Any) -> None:
                 raise L3MUserError(f"{where}: min ({lo}) is greater than max ({hi}); no length satisfies both")
             if (lo is not None and lo < 0) or (hi is not None and hi < 0):
                 raise L3MUserError(f"{where}: length bounds are token counts and must be >= 0")
+        elif kind == "truncated":
+            if "at_most" not in spec:
+                raise L3MUserError(
+                    f"{where}: a truncated constraint needs 'at_most' (the largest allowed share of responses cut off "
+                    "at max_new_tokens, in [0, 1])"
+                )
+            if not 0 <= spec["at_most"] <= 1:
+                raise L3MUserError(
+                    f"{where}: 'at_most' of a truncated constraint is a share in [0, 1], got {spec['at_most']}"
+                )
         else:
             if kind == "reward" and ("model" in spec) == ("function" in spec):
                 raise L3MUserError(f"{where}: a reward constraint needs exactly one of 'model' or 'function'")
@@ -322,13 +351,12 @@ def build_constraints(specs: list[dict] | None, device: str | torch.device | Non
     out: list[Constraint] = []
     for i, spec in enumerate(specs or []):
         kind, name, scale = spec["kind"], spec.get("name"), float(spec.get("scale", 1.0))
-        grad = spec.get("gradient", "sequence")
         where = f"constraints[{i}]"
         if kind == "length":
             bounds = [b for b in ("min", "max") if spec.get(b) is not None]
             for b in bounds:
                 cname = (f"{name}_{b}" if len(bounds) == 2 else name) if name else None
-                out.append(LengthConstraint(spec[b], bound=b, name=cname, scale=scale, gradient=grad))
+                out.append(LengthConstraint(spec[b], bound=b, name=cname, scale=scale))
         elif kind == "reward":
             if "model" in spec:
                 from l3m.rewards import RewardModel
@@ -342,11 +370,11 @@ def build_constraints(specs: list[dict] | None, device: str | torch.device | Non
             else:
                 fn = load_callable(spec["function"], f"{where}.function")
             out.append(RewardConstraint(fn, spec.get("at_least"), spec.get("at_most"), name=name, scale=scale))
+        elif kind == "truncated":
+            out.append(TruncationConstraint(spec["at_most"], name=name, scale=scale))
         else:
             fn = load_callable(spec["function"], f"{where}.function")
-            out.append(
-                FunctionConstraint(fn, spec.get("at_least"), spec.get("at_most"), name=name, scale=scale, gradient=grad)
-            )
+            out.append(FunctionConstraint(fn, spec.get("at_least"), spec.get("at_most"), name=name, scale=scale))
     names = [c.name for c in out]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

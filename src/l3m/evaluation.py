@@ -12,7 +12,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,78 +19,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from l3m.constraints import Constraint, SampleBatch, evaluate_constraints
-from l3m.data import Example, pad, prompt_ids, tokenize_examples
+from l3m.data import Example, pad, tokenize_examples
 from l3m.errors import L3MUserError
-from l3m.logprobs import eos_token_ids, token_logprobs
-
-
-@dataclass
-class Samples:
-    """Sampled responses: ``k`` per prompt, grouped consecutively."""
-
-    batch: SampleBatch
-    k: int
-
-
-@torch.inference_mode()
-def sample_responses(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    k: int = 2,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 8,
-    max_prompt_length: int = 256,
-    seed: int | None = 0,
-    progress: bool = True,
-) -> Samples:
-    """``k`` samples per prompt with ``generate`` (KV cache, left padding, stops when all have ended)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    eos = eos_token_ids(model, tokenizer)
-    prompts, comps, comp_ids, lengths = [], [], [], []
-    bar = tqdm(total=len(examples), desc="sampling", disable=not progress, leave=False)
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        ids = [prompt_ids(tokenizer, ex.prompt)[-max_prompt_length:] for ex in chunk]
-        p = pad(ids, tokenizer.pad_token_id, "left").to(device)
-        m = pad([[1] * len(x) for x in ids], 0, "left").to(device)
-        out = model.generate(
-            input_ids=p,
-            attention_mask=m,
-            do_sample=True,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            num_return_sequences=k,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-        )[:, p.shape[1] :].tolist()
-        for j, row in enumerate(out):
-            end = next((t for t, tid in enumerate(row) if tid in eos), None)
-            n = len(row) if end is None else end
-            comp_ids.append(row[:n])
-            lengths.append(n)
-            prompts.append(chunk[j // k].prompt_text)
-        comps.extend(tokenizer.batch_decode([r for r in comp_ids[-len(out) :]], skip_special_tokens=True))
-        bar.update(len(chunk))
-    bar.close()
-    model.train(was_training)
-    n_prompts = len(examples)
-    batch = SampleBatch(
-        prompts=prompts,
-        completions=comps,
-        completion_ids=comp_ids,
-        lengths=torch.as_tensor(lengths),
-        group_ids=torch.arange(n_prompts).repeat_interleave(k),
-    )
-    return Samples(batch=batch, k=k)
+from l3m.logprobs import response_logprobs
+from l3m.quality import quality_stats
+from l3m.sampling import sample_examples
 
 
 def bootstrap_ci(
@@ -117,14 +49,14 @@ def verdict(lo: float, hi: float) -> str:
     return "undecided"
 
 
-def constraint_report(constraints: Sequence[Constraint], samples: Samples, n_boot: int = 2000) -> list[dict]:
-    """Per constraint: the estimate of C_i, its 95% bootstrap interval, the mean raw quantity, a verdict."""
-    raw, c = evaluate_constraints(constraints, samples.batch)
-    n_prompts = int(samples.batch.group_ids.max()) + 1 if len(samples.batch.completions) else 0
+def constraint_rows(
+    constraints: Sequence[Constraint], c_per_prompt: torch.Tensor, raw_per_prompt: torch.Tensor, n_boot: int = 2000
+) -> list[dict]:
+    """Per constraint: the estimate of C_i, its 95% bootstrap interval over prompts, the mean raw quantity and the
+    verdict, from the per-prompt means ``[n_prompts, m]`` of c and of the raw quantity."""
     rows = []
     for i, con in enumerate(constraints):
-        per_prompt = c[:, i].reshape(n_prompts, samples.k).mean(1)
-        lo, hi = bootstrap_ci(per_prompt, n_boot)
+        lo, hi = bootstrap_ci(c_per_prompt[:, i], n_boot)
         rows.append(
             {
                 "name": con.name,
@@ -133,53 +65,48 @@ def constraint_report(constraints: Sequence[Constraint], samples: Samples, n_boo
                 "threshold": con.threshold,
                 "scale": con.scale,
                 "constraint": con.describe(),
-                "value": float(c[:, i].mean()),
+                "value": float(c_per_prompt[:, i].double().mean()),
                 "ci95": [lo, hi],
-                "mean_raw": float(raw[:, i].mean()),
+                "mean_raw": float(raw_per_prompt[:, i].double().mean()),
                 "verdict": verdict(lo, hi),
             }
         )
     return rows
 
 
-@torch.inference_mode()
-def task_logppl(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    batch_size: int = 8,
-    max_length: int = 512,
-    progress: bool = True,
-    split_end: bool = False,
-):
-    """Per-example task log-perplexity: the mean NLL per response token (prompt tokens never count).
+def constraint_report(
+    constraints: Sequence[Constraint], samples: SampleBatch, k: int, n_boot: int = 2000
+) -> list[dict]:
+    """:func:`constraint_rows` for ``k`` samples per prompt, grouped consecutively."""
+    raw, c = evaluate_constraints(constraints, samples)
+    n_prompts, m = len(samples.completions) // k, len(constraints)
+    return constraint_rows(
+        constraints, c.reshape(n_prompts, k, m).mean(1), raw.reshape(n_prompts, k, m).mean(1), n_boot
+    )
 
-    With ``split_end`` it also returns the log-perplexity of each response without its last token (the
-    end-of-turn token that closes it) and that token's NLL. Why: a length constraint moves mostly where the
-    model ends, so this split shows whether a rise in perplexity is the ending alone or the text itself.
-    """
-    device = next(model.parameters()).device
+
+@torch.no_grad()
+def task_logppl(
+    model, tokenizer, examples: Sequence[Example], batch_size: int = 8, max_length: int = 512, progress: bool = True
+) -> torch.Tensor:
+    """Per-example task log-perplexity: the mean NLL per response token (prompt tokens never count), computed by
+    the same function as the training loss (:func:`l3m.logprobs.response_logprobs`)."""
     feats = tokenize_examples(tokenizer, list(examples), max_length=max_length, what="held-out data")
     was_training = model.training
     model.eval()
-    out, body, end = [], [], []
-    for i in tqdm(range(0, len(feats), batch_size), desc="perplexity", disable=not progress, leave=False):
-        chunk = feats[i : i + batch_size]
-        ids = pad([f["input_ids"] for f in chunk], tokenizer.pad_token_id).to(device)
-        attn = pad([[1] * len(f["input_ids"]) for f in chunk], 0).to(device)
-        mask = pad([f["response_mask"] for f in chunk], 0).to(device)[:, 1:].float()
-        nll = -token_logprobs(model(input_ids=ids, attention_mask=attn).logits[:, :-1], ids[:, 1:])
-        n = mask.sum(1)
-        out.append(((nll * mask).sum(1) / n.clamp(min=1)).cpu())
-        if split_end:
-            last = mask * (mask.cumsum(1) == n[:, None])  # the last response token of each row
-            end.append((nll * last).sum(1).cpu())
-            body.append(((nll * (mask - last)).sum(1) / (n - 1).clamp(min=1)).cpu())
-    model.train(was_training)
-    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)  # noqa: E731
-    if split_end:
-        return cat(out), cat(body), cat(end)
-    return cat(out)
+    out = []
+    try:
+        for i in tqdm(range(0, len(feats), batch_size), desc="perplexity", disable=not progress, leave=False):
+            chunk = feats[i : i + batch_size]
+            ids = pad([f["input_ids"] for f in chunk], tokenizer.pad_token_id)
+            attn = pad([[1] * len(f["input_ids"]) for f in chunk], 0)
+            mask = pad([f["response_mask"] for f in chunk], 0)
+            rows = response_logprobs(model, [(ids, mask, attn)], tokenizer.pad_token_id)
+            n_tok = mask.sum(1).clamp(min=1)
+            out.append(torch.stack([-r.sum().cpu() for r in rows]).double() / n_tok)
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def mean_std(x: torch.Tensor) -> tuple[float, float]:
@@ -260,7 +187,6 @@ def evaluate_model(
     k: int = 2,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
-    top_p: float = 1.0,
     batch_size: int = 8,
     seed: int = 0,
     n_boot: int = 2000,
@@ -282,45 +208,44 @@ def evaluate_model(
         "k": k,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
-        "top_p": top_p,
         "seed": seed,
     }
     if heldout:
-        nll, body, end = task_logppl(
-            model, tokenizer, heldout, batch_size=batch_size, max_length=max_length, progress=progress, split_end=True
-        )
+        nll = task_logppl(model, tokenizer, heldout, batch_size=batch_size, max_length=max_length, progress=progress)
         m, s = mean_std(nll)
         result["task_logppl"] = {"n": int(nll.numel()), "mean": m, "std": s, "per_example": nll.tolist()}
-        (mb, sb), (me, se) = mean_std(body), mean_std(end)
-        result["task_logppl_split"] = {  # the same responses without their end-of-turn token, and that token's NLL
-            "without_end_token": {"mean": mb, "std": sb},
-            "end_token_nll": {"mean": me, "std": se},
-        }
     sample_from = list(prompts) if prompts else list(heldout or [])
     if sample_from:
-        samples = sample_responses(
+        samples = sample_examples(
             model,
             tokenizer,
             sample_from,
             k=k,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            top_p=top_p,
             batch_size=batch_size,
             max_prompt_length=max_prompt_length,
             seed=seed,
             progress=progress,
         )
         result["n_prompts"] = len(sample_from)
-        lengths = samples.batch.lengths.tolist()
+        lengths = samples.lengths.tolist()
+        truncated = samples.truncated.tolist()
         result["lengths"] = {**length_stats(lengths, max_new_tokens), "values": lengths}
-        rows = constraint_report(constraints, samples, n_boot=n_boot) if constraints else []
+        result["quality"] = quality_stats(samples.completion_ids, truncated, n_boot=n_boot, seed=seed, k=k)
+        rows = constraint_report(constraints, samples, k, n_boot=n_boot) if constraints else []
         for r in rows:
             r["warned_infeasible_in_training"] = r["name"] in warned
         result["constraints"] = rows
-        result["examples"] = [
-            {"prompt": samples.batch.prompts[i], "completion": samples.batch.completions[i], "length": lengths[i]}
-            for i in range(min(4 * k, len(lengths)))
+        result["samples"] = [
+            {
+                "prompt": samples.prompts[i],
+                "completion": samples.completions[i],
+                "completion_ids": samples.completion_ids[i],
+                "length": lengths[i],
+                "truncated": truncated[i],
+            }
+            for i in range(len(lengths))
         ]
     result["warnings"] = [
         f"training warned that constraint '{w}' may be infeasible (violated for many consecutive steps)" for w in warned
@@ -333,25 +258,46 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
 
 
-def markdown_table(results: Sequence[dict]) -> str:
-    """One Markdown page section: per model its perplexity and lengths, then one row per constraint."""
-    lines = [
-        "| model | task log-ppl (mean ± std) | mean length (tokens) | length median [min, max] | clipped "
-        "| prompts × k |",
-        "|---|---|---|---|---|---|",
+MODEL_COLUMNS = (
+    "model",
+    "task log-ppl (mean ± std)",
+    "mean length",
+    "median length",
+    "cut off (95% CI)",
+    "repetition",
+    "distinct-2",
+    "prompts × k",
+)
+
+
+def model_row(r: dict) -> list[str]:
+    """One model's summary cells: perplexity, lengths, the share cut off at max_new_tokens, repetition, diversity.
+
+    Repetition is the share of responses in which some token 4-gram occurs 3 or more times; distinct-2 the share of
+    distinct token bigrams among all of them."""
+    ppl = r.get("task_logppl")
+    ppl_s = f"{ppl['mean']:.3f} ± {ppl['std']:.3f} (n={ppl['n']})" if ppl else "—"
+    ln, q = r.get("lengths") or {}, r.get("quality") or {}
+    if not ln.get("n"):
+        return [r["model"], ppl_s] + ["—"] * (len(MODEL_COLUMNS) - 2)
+    cut = q.get("truncated_share", ln.get("clipped_ratio", math.nan))
+    lo, hi = q.get("truncated_ci", (math.nan, math.nan))
+    return [
+        r["model"],
+        ppl_s,
+        f"{ln['mean']:.1f} ± {ln['std']:.1f}",
+        f"{ln['median']:.0f}",
+        f"{100 * cut:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
+        f"{100 * q.get('repetition_rate', math.nan):.0f}%",
+        f"{q.get('distinct_2', math.nan):.2f}",
+        f"{r['n_prompts']} × {r['k']}",
     ]
-    for r in results:
-        ppl = r.get("task_logppl")
-        ppl_s = f"{ppl['mean']:.3f} ± {ppl['std']:.3f} (n={ppl['n']})" if ppl else "—"
-        ln = r.get("lengths") or {}
-        if ln.get("n"):
-            len_s = f"{ln['mean']:.1f} ± {ln['std']:.1f}"
-            dist = f"{ln['median']:.0f} [{ln['min']:.0f}, {ln['max']:.0f}]"
-            clip = f"{100 * ln.get('clipped_ratio', 0):.0f}%"
-            n = f"{r['n_prompts']} × {r['k']}"
-        else:
-            len_s = dist = clip = n = "—"
-        lines.append(f"| {r['model']} | {ppl_s} | {len_s} | {dist} | {clip} | {n} |")
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """One Markdown page section: per model its perplexity, lengths and quality checks, then one row per constraint."""
+    lines = ["| " + " | ".join(MODEL_COLUMNS) + " |", "|" + "---|" * len(MODEL_COLUMNS)]
+    lines += ["| " + " | ".join(model_row(r)) + " |" for r in results]
     crow = [
         "",
         "| model | constraint | C estimate | 95% CI (bootstrap over prompts) | mean raw | verdict |",
@@ -378,19 +324,10 @@ def print_rich(results: Sequence[dict], console=None) -> None:
 
     console = console or Console()
     t = Table(title="held-out evaluation")
-    for col in ("model", "task log-ppl", "mean length", "median [min, max]", "clipped", "prompts × k"):
+    for col in MODEL_COLUMNS:
         t.add_column(col)
     for r in results:
-        ppl = r.get("task_logppl")
-        ln = r.get("lengths") or {}
-        t.add_row(
-            r["model"],
-            f"{ppl['mean']:.3f} ± {ppl['std']:.3f}" if ppl else "-",
-            f"{ln['mean']:.1f} ± {ln['std']:.1f}" if ln.get("n") else "-",
-            f"{ln['median']:.0f} [{ln['min']:.0f}, {ln['max']:.0f}]" if ln.get("n") else "-",
-            f"{100 * ln.get('clipped_ratio', 0):.0f}%" if ln.get("n") else "-",
-            f"{r.get('n_prompts', 0)} × {r['k']}",
-        )
+        t.add_row(*model_row(r))
     console.print(t)
     rows = [(r, c) for r in results for c in r.get("constraints") or []]
     if rows:
@@ -448,7 +385,6 @@ def run_evaluate(ns) -> list[dict]:
                 k=ns.num_samples,
                 max_new_tokens=ns.max_new_tokens,
                 temperature=ns.temperature,
-                top_p=ns.top_p,
                 batch_size=ns.batch_size,
                 seed=ns.seed,
                 n_boot=ns.n_boot,
@@ -459,6 +395,15 @@ def run_evaluate(ns) -> list[dict]:
         )
         del model
     write_outputs(results, ns.output)
+    if ns.update_card:
+        from l3m.model_card import update_model_card_with_evaluation
+
+        for m, result in zip(ns.model, results):
+            if not Path(m).is_dir():
+                raise L3MUserError(f"--update-card: '{m}' is not a local model folder, so it has no card to update")
+            card = update_model_card_with_evaluation(m, result)
+            if not ns.quiet:
+                print(f"held-out verdicts written into {card}")
     if not ns.quiet:
         print_rich(results)
     return results
@@ -492,13 +437,15 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--num-samples", "-k", type=int, default=2, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="use the training run's temperature")
-    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--name", help="the model's name in the tables (one model only)")
     p.add_argument("--output", "-o", help="write OUTPUT.json and OUTPUT.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no terminal table")
+    p.add_argument(
+        "--update-card", action="store_true", help="write the verdicts into each evaluated model folder's README.md card"
+    )
 
 
 def paired_difference(a: list[float] | None, b: list[float] | None) -> dict | None:

@@ -57,6 +57,18 @@ def averaged_steps(run_dir: str | os.PathLike) -> int:
         return 0
 
 
+def run_barrier_s_power(run_dir: str | os.PathLike) -> float:
+    """The barrier's ``s = mu**p`` power a run trained with: ``barrier_s_power`` of an experimental run (``method:
+    experimental``), read from the run's config as its model card records it; 2, the paper's, for any other run."""
+    from l3m.model_card import read_card
+
+    meta, _ = read_card(Path(run_dir))
+    info = meta.get("l3m") if isinstance(meta.get("l3m"), dict) else {}
+    training = info.get("training") if isinstance(info.get("training"), dict) else {}
+    power = training.get("barrier_s_power", 2.0)
+    return float(power) if isinstance(power, (int, float)) and not isinstance(power, bool) else 2.0
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in rows:
@@ -181,7 +193,7 @@ def plot_training(
 
 def plot_barrier(path: str | os.PathLike, mus: Sequence[float] = (1.0, 0.5, 0.3, 0.1), s_power: float = 2.0) -> Path:
     """The relaxed log-barrier B_{mu, mu^2}(z) for several mu (the paper's Figure 1); with ``s_power`` p other
-    than 2 (the trainer's ``barrier_s_power``), also B_{mu, mu^p}, dashed: the barrier the runs used."""
+    than 2 (``barrier_s_power`` of :mod:`l3m.experimental`), also B_{mu, mu^p}, dashed: the barrier the runs used."""
     import torch
 
     z = torch.linspace(-2.0, 0.5, 1001, dtype=torch.float64)
@@ -384,13 +396,14 @@ def make_report(
     ranges: Mapping[str, Sequence[float]] | None = None,
     title: str = "l3m report",
     reward_results: Sequence[Mapping] = (),
-    barrier_s_power: float = 2.0,
+    barrier_s_power: float | None = None,
 ) -> Path:
     """Write the PNGs and ``report.md`` into ``out_dir``; returns the Markdown file.
 
     ``reward_results``: results of reward-constrained experiments (``points`` and ``models``, as the
     helpful-and-harmless experiment writes them), each drawn as the paper's Figure 3. ``barrier_s_power``: the
-    runs' ``barrier_s_power``; other than the paper's 2, the barrier figure draws theirs beside the paper's.
+    runs' ``barrier_s_power`` (default: read from the runs' configs, 2 where they have none); other than the
+    paper's 2, the barrier figure draws theirs beside the paper's.
     """
     from l3m.evaluation import markdown_table
 
@@ -422,11 +435,20 @@ def make_report(
             ),
             "",
         ]
+    which = ""
+    if barrier_s_power is None:
+        used = {Path(d).name: run_barrier_s_power(d) for d in run_dirs}
+        others = [p for p in dict.fromkeys(used.values()) if p != 2]
+        barrier_s_power = others[0] if others else 2.0
+        names = [n for n, p in used.items() if p == barrier_s_power]
+        if others and len(names) < len(used):
+            which = "runs " + ", ".join(f"`{n}`" for n in names)
     plot_barrier(out / "barrier.png", s_power=barrier_s_power)
     own = (
         ""
         if barrier_s_power == 2
-        else f" Dashed: the barrier these runs used, s = μ^{barrier_s_power:g} (`barrier_s_power`); its slope past "
+        else f" Dashed: the barrier {which or 'these runs'} used, s = μ^{barrier_s_power:g} (`barrier_s_power`); "
+        "its slope past "
         f"−s, the multiplier of a violated constraint times m, is μ^{1 - barrier_s_power:g}"
         + (" = 1 at every μ: a bounded push instead of a wall." if barrier_s_power == 1 else ".")
     )

@@ -3,6 +3,7 @@
 Everything is checked before any model is loaded, and every problem names the field it is in.
 
     model: default                # hub name, local directory, or "default" (SmolLM2-135M-Instruct)
+    method: l3m                   # l3m (the paper's), minimax (the MM baseline) or experimental
     data:
       train: builtin              # a .json/.jsonl(.gz) file, "builtin", "builtin:heldout", or "hf:NAME[:SPLIT]"
       eval: builtin:heldout       # optional
@@ -10,7 +11,7 @@ Everything is checked before any model is loaded, and every problem names the fi
     constraints:
       - {kind: length, max: 40}
     peft: null                    # optional LoRA: {r: 16, lora_alpha: 32, target_modules: all-linear}
-    training: {output_dir: runs/x, max_steps: 30, ...}   # any L3MConfig field
+    training: {output_dir: runs/x, max_steps: 30, ...}   # any field of the method's config class
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import yaml
 from l3m.constraints import validate_constraint_specs
 from l3m.errors import L3MUserError, did_you_mean
 
-TOP_KEYS = {"model", "data", "constraints", "peft", "training", "trust_remote_code", "dtype"}
+TOP_KEYS = {"model", "method", "data", "constraints", "peft", "training", "trust_remote_code", "dtype"}
+METHODS = ("l3m", "minimax", "experimental")
 DATA_KEYS = {"train", "eval", "prompts", "heldout_fraction", "heldout_seed"}
 PEFT_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save", "use_rslora"}
 
@@ -97,10 +99,24 @@ def _check_keys(section: dict, known: set[str], where: str) -> None:
             )
 
 
-def config_fields() -> set[str]:
-    from l3m.config import L3MConfig
+def method_classes(method: str = "l3m") -> tuple[type, type]:
+    """The (config, trainer) classes of a run config's ``method``."""
+    if method == "minimax":
+        from l3m.minimax import MinimaxConfig, MinimaxTrainer
 
-    return {f.name for f in dataclasses.fields(L3MConfig) if f.init}
+        return MinimaxConfig, MinimaxTrainer
+    if method == "experimental":
+        from l3m.experimental import ExperimentalL3MConfig, ExperimentalL3MTrainer
+
+        return ExperimentalL3MConfig, ExperimentalL3MTrainer
+    from l3m.config import L3MConfig
+    from l3m.trainer import L3MTrainer
+
+    return L3MConfig, L3MTrainer
+
+
+def config_fields(method: str = "l3m") -> set[str]:
+    return {f.name for f in dataclasses.fields(method_classes(method)[0]) if f.init}
 
 
 def _data_path_ok(value: Any, where: str, base_dir: str) -> None:
@@ -140,10 +156,15 @@ def validate_run_config(cfg: dict, where: str) -> None:
         validate_constraint_specs(cfg.get("constraints"))
     except L3MUserError as exc:
         raise L3MUserError(f"{where}: {exc}") from None
+    method = cfg.get("method", "l3m")
+    if method not in METHODS:
+        raise L3MUserError(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
     training = cfg.get("training") or {}
     if not isinstance(training, dict):
-        raise L3MUserError(f"{where}: 'training' must be a mapping of L3MConfig fields")
-    _check_keys(training, config_fields(), f"{where}: training")
+        raise L3MUserError(f"{where}: 'training' must be a mapping of {method_classes(method)[0].__name__} fields")
+    if "method" in training:
+        raise L3MUserError(f"{where}: training.method: the method is a top-level key (method: {training['method']})")
+    _check_keys(training, config_fields(method), f"{where}: training")
     if cfg.get("peft") is not None:
         if not isinstance(cfg["peft"], dict):
             raise L3MUserError(f"{where}: 'peft' must be a mapping of LoRA settings (r, lora_alpha, ...)")
