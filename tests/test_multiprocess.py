@@ -65,6 +65,9 @@ def _worker(model: str, out: str, bs: int, accum: int) -> None:
         use_cpu=True,
         seed=0,
         report_to="none",
+        eval_strategy="steps",
+        eval_steps=2,
+        eval_prompts=5,  # not a multiple of the processes: one process samples a repeat, which is dropped
     )
     constraints = [LengthConstraint(4, "max"), RewardConstraint(vowels, at_least=18.0)]
 
@@ -74,9 +77,12 @@ def _worker(model: str, out: str, bs: int, accum: int) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             with open(os.path.join(out, f"rank{trainer.accelerator.process_index}.jsonl"), "a") as f:
                 row = {c.name: [c.state.value, c.state.lam] for c in trainer.constraints}
+                row["heldout"] = [[c["value"] for c in h["constraints"]] for h in trainer.heldout.history]
                 f.write(json.dumps({"step": state.global_step, **row}) + "\n")
 
-    trainer = L3MTrainer(model, args=args, train_dataset=rows * 2, constraints=constraints, callbacks=[PerRank()])
+    trainer = L3MTrainer(
+        model, args=args, train_dataset=rows * 2, eval_dataset=rows[:5], constraints=constraints, callbacks=[PerRank()]
+    )
     trainer.train()
 
 
@@ -95,6 +101,9 @@ def _env() -> dict:
         "ACCELERATE_USE_CPU": "1",
         "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
     }
+
+
+_EVAL = "eval/constraints/length_max/value"
 
 
 def _rows(out: Path) -> list[dict]:
@@ -156,6 +165,13 @@ def test_two_processes_match_one_process(tmp_path, tiny_model):
     r0 = (two / "rank0.jsonl").read_text().splitlines()
     r1 = (two / "rank1.jsonl").read_text().splitlines()
     assert len(r0) == STEPS and r0 == r1
+    # the held-out checks ran at steps 2 and 4 on all 5 prompts (each once), and every process holds their result
+    for out in (one, two):
+        evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+        checks = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if _EVAL in r]
+        assert [r["step"] for r in evals] == [r["step"] for r in checks] == [2, 4]
+        assert all(r[f"{_EVAL[:-6]}/ci_low"] <= r[_EVAL] <= r[f"{_EVAL[:-6]}/ci_high"] for r in checks)
+    assert [len(json.loads(x)["heldout"]) for x in r0] == [0, 0, 1, 1]  # a step's check runs after its step ends
 
 
 def test_two_process_cli_run_checkpoints_and_resumes_exactly(tmp_path, tiny_model, counting_rows):

@@ -86,13 +86,14 @@ def test_report_cli_writes_pngs_and_markdown(tiny_run, tmp_path, capsys):
     )
     out = tmp_path / "rep"
     assert main(["report", str(tiny_run), "--eval", str(ev), "-o", str(out), "--title", "tiny"]) == 0
-    for name in ("training_curves.png", "barrier.png", "lengths_perplexity.png"):
+    figures = ("training_curves.png", "barrier.png", "lengths_perplexity.png", "length_histograms.png")
+    for name in figures:
         assert _is_png(out / name), name
     md = (out / "report.md").read_text()
     assert md.startswith("# tiny")
-    for name in ("training_curves.png", "barrier.png", "lengths_perplexity.png"):
+    for name in figures:
         assert f"]({name})" in md
-    assert md.count("*Figure") == 3  # a caption for each figure
+    assert md.count("*Figure") == 4  # a caption for each figure
     assert "| sft |" in md and "| l3m |" in md and "1.050 ± 0.250" in md
     assert "report written to" in capsys.readouterr().out
 
@@ -118,7 +119,7 @@ def test_report_compares_each_model_with_the_first_reference_by_reference(tmp_pa
 def test_report_without_evaluations_still_plots_training_and_barrier(tiny_run, tmp_path):
     path = make_report([tiny_run], [], tmp_path)
     assert _is_png(tmp_path / "training_curves.png") and _is_png(tmp_path / "barrier.png")
-    assert not (tmp_path / "lengths_perplexity.png").exists()
+    assert not (tmp_path / "lengths_perplexity.png").exists() and not (tmp_path / "length_histograms.png").exists()
     assert "Training curves" in path.read_text()
 
 

@@ -144,3 +144,50 @@ def test_the_console_prints_one_compact_line_per_log_and_no_raw_dicts(tmp_path, 
     assert "pin_memory" not in text
     lines = [x for x in text.splitlines() if x.startswith("step ")]
     assert len(lines) >= 2 and "length_max:" in lines[0] and "mu " in lines[0]
+
+
+def test_best_feasible_survives_a_resume(tmp_path, talking_model, counting_rows):
+    """A run stopped after checkpoint-4 and resumed from it evaluates and selects exactly as the run that went
+    through: the held-out history travels in the checkpoint, and each evaluation samples with a fixed seed."""
+    from transformers import TrainerCallback
+
+    class StopAt4(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    straight = _run(tmp_path / "a", talking_model, counting_rows, [LengthConstraint(8, "max")])
+    args = dict(
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        eval_prompts=6,
+        select_checkpoint="best_feasible",
+    )
+    cons = [LengthConstraint(8, "max")]
+    first = L3MTrainer(
+        str(talking_model),
+        args=tiny_args(tmp_path / "b", **args),
+        train_dataset=counting_rows,
+        eval_dataset=counting_rows[:6],
+        constraints=cons,
+        callbacks=[StopAt4()],
+    )
+    first.train()
+    assert first.state.global_step == 4
+    cons = [LengthConstraint(8, "max")]
+    resumed = L3MTrainer(
+        str(talking_model),
+        args=tiny_args(tmp_path / "b", **args),
+        train_dataset=counting_rows,
+        eval_dataset=counting_rows[:6],
+        constraints=cons,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-4"))
+
+    def values(history):
+        return [(h["step"], h["all_hold"], [c["value"] for c in h["constraints"]]) for h in history]
+
+    assert values(resumed.heldout.history) == values(straight.heldout.history)
+    assert resumed.heldout.selected["step"] == straight.heldout.selected["step"]

@@ -316,6 +316,8 @@ def figures(records: dict[int, dict[str, dict]], initial: dict | None, out_dir: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from l3m.report import plot_length_histograms
+
     evs: dict[str, list[dict]] = {}
     for model in MODELS:
         got = [initial] if model == "initial" else [records[s].get(model) for s in sorted(records)]
@@ -372,28 +374,13 @@ def figures(records: dict[int, dict[str, dict]], initial: dict | None, out_dir: 
     fig.savefig(fig2, dpi=110)
     plt.close(fig)
 
-    cols = 3
-    rows_n = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False, sharex=True)
-    top = int(cap or max(max(v) for v in lengths.values()))
-    for ax, m in zip(axes.flat, names):
-        ax.hist(lengths[m], bins=range(0, top + 2), color="#7a9cc6")
-        for b in model_range(m) or ():
-            ax.axvline(b, color="darkgreen", lw=1.5)
-        if cap:
-            share = sum(v >= cap for v in lengths[m]) / len(lengths[m])
-            ax.axvline(cap, color="red", ls="--", lw=1.2)
-            ax.set_title(f"{m}: cut off at the cap {share:.0%}", fontsize=9)
-        else:
-            ax.set_title(m, fontsize=9)
-        ax.set_xlabel("length (tokens)", fontsize=8)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.suptitle("Response lengths per model (seeds pooled); green: its range, red dashed: the sampling cap")
-    fig.tight_layout()
-    hist = out_dir / "length_histograms.png"
-    fig.savefig(hist, dpi=110)
-    plt.close(fig)
+    hist = plot_length_histograms(
+        lengths,
+        out_dir / "length_histograms.png",
+        cap=cap,
+        ranges={m: model_range(m) for m in names if model_range(m)},
+        title="Response lengths per model (seeds pooled)",
+    )
     return [fig2, hist]
 
 

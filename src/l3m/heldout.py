@@ -78,6 +78,8 @@ class HeldoutChecks:
         local = torch.cat([c.reshape(per_rank, k, m).mean(1), raw.reshape(per_rank, k, m).mean(1), valid[:, None]], 1)
         every = acc.gather(local.to(args.device, torch.float64)).cpu()
         every = every[every[:, -1] > 0]
+        if every.shape[0] != len(prompts):  # each prompt once, whatever the number of processes
+            raise RuntimeError(f"held-out check gathered {every.shape[0]} prompts for {len(prompts)}")
         rows = constraint_rows(tr.constraints, every[:, :m], every[:, m : 2 * m])
         entry = {
             "step": tr.state.global_step,
@@ -142,7 +144,13 @@ class HeldoutChecks:
         self.selected = {"path": best["checkpoint"], "step": best["step"], "reason": reason}
         if best["step"] != tr.state.global_step:
             tr.state.best_model_checkpoint = best["checkpoint"]
-            tr._load_best_model()
+            quiet = logging.getLogger("transformers.trainer")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)  # it notes tied weights (lm_head = embeddings) as missing keys: not news
+            try:
+                tr._load_best_model()
+            finally:
+                quiet.setLevel(level)
         log = logger.info if best["all_hold"] else logger.warning
         log("select_checkpoint 'best_feasible': keeping %s (step %d): %s", best["checkpoint"], best["step"], reason)
 

@@ -280,6 +280,42 @@ def against_first_table(evals: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
+def plot_length_histograms(
+    lengths: Mapping[str, Sequence[int]],
+    path: str | os.PathLike,
+    cap: int | None = None,
+    ranges: Mapping[str, Sequence[float]] | None = None,
+    title: str = "Response lengths per model",
+) -> Path:
+    """One histogram of response lengths per model, with its range (green) and the sampling cap (red, dashed) and the
+    share of responses cut off there in each title: a mean inside a range can hide answers that run to the cap."""
+    names = [m for m in lengths if len(lengths[m])]
+    if not names:
+        raise L3MUserError("no sampled response lengths to plot")
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, sharex=True)
+    top = int(cap or max(max(v) for v in lengths.values() if len(v)))
+    for ax, m in zip(axes.flat, names):
+        ax.hist(lengths[m], bins=range(0, top + 2), color="#7a9cc6")
+        for b in (ranges or {}).get(m) or ():
+            ax.axvline(b, color="darkgreen", lw=1.5)
+        if cap:
+            share = sum(v >= cap for v in lengths[m]) / len(lengths[m])
+            ax.axvline(cap, color="red", ls="--", lw=1.2)
+            ax.set_title(f"{m}: cut off at the cap {share:.0%}", fontsize=9)
+        else:
+            ax.set_title(m, fontsize=9)
+        ax.set_xlabel("length (tokens)", fontsize=8)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle(f"{title}; green: its range, red dashed: the sampling cap")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) -> Path:
     """The paper's Figure 2: response-length box plots with the constraint range, and task log-ppl."""
     evals = [e for e in evals if (e.get("lengths") or {}).get("values")]
@@ -470,6 +506,13 @@ def make_report(
                 e["range"] = list(ranges[key])
     if evals:
         plot_lengths_and_perplexity(evals, out / "lengths_perplexity.png")
+        caps = {e.get("max_new_tokens") for e in evals}
+        plot_length_histograms(
+            {e["model"]: e["lengths"]["values"] for e in evals if (e.get("lengths") or {}).get("values")},
+            out / "length_histograms.png",
+            cap=caps.pop() if len(caps) == 1 else None,
+            ranges={e["model"]: e["range"] for e in evals if e.get("range")},
+        )
         md += [
             "## Held-out response lengths and task perplexity",
             "",
@@ -486,6 +529,11 @@ def make_report(
                 if against_first(evals)
                 else ".*"
             ),
+            "",
+            "![length histograms](length_histograms.png)",
+            "",
+            "*Figure: the same lengths as histograms, with each model's range (green) and the sampling cap (red, "
+            "dashed); the title gives the share of responses cut off at the cap, which a mean length cannot show.*",
             "",
             "## Numbers",
             "",
