@@ -260,7 +260,7 @@ class TruncationCounter:
         if self.prompts or self.responses:
             logger.warning(
                 "%s: truncated %d prompt(s) longer than max_prompt_length (kept their last tokens) and %d "
-                "response(s) past max_length; raise training.max_prompt_length / training.max_length to keep them whole",
+                "response(s) past max_length; raise training.max_prompt_length or training.max_length to keep them",
                 what,
                 self.prompts,
                 self.responses,

@@ -444,7 +444,9 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--output", "-o", help="write OUTPUT.json and OUTPUT.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no terminal table")
     p.add_argument(
-        "--update-card", action="store_true", help="write the verdicts into each evaluated model folder's README.md card"
+        "--update-card",
+        action="store_true",
+        help="write the verdicts into each evaluated model folder's README.md card",
     )
 
 
