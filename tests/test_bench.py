@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,11 +107,13 @@ def test_trl_completion_only_scoring_changes_the_work_not_the_numbers(tiny_model
 
 
 @pytest.mark.slow
-def test_a_short_run_pairs_the_same_prompts_on_both_sides(bench, tiny_model, tmp_path):
+def test_a_short_run_pairs_the_same_prompts_on_both_sides(tiny_model, tmp_path):
     pytest.importorskip("trl")
     argv = ["--model", str(tiny_model), "--sides", "trl,trl_compact,l3m,l3m_unshared", "--rounds", "2"]
     argv += ["--warmup", "1", "--prompts", "2", "--k", "2", "--max-new-tokens", "4", "--out", str(tmp_path)]
-    assert bench.main(argv) == 0
+    # a subprocess: the sides are spawned processes, which import the script by its path
+    run = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     res = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert res["same_prompts"] and res["rounds_timed"] == 2
     assert res["sides"]["trl_compact"]["worker"]["trl_completion_only_scoring"]

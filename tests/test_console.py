@@ -37,7 +37,7 @@ def test_format_log_line():
 
 def test_format_log_line_falls_back_to_loss_and_reads_eval():
     line = format_log_line({"loss": 2.0, "constraints/length_max/holds": 0.5}, 3, 10)
-    assert line == "step 3/10 | task 2 | length_max: ok 50% of steps"
+    assert line == "step 3/10 | loss 2 | length_max: ok 50% of steps"
     ev = {
         "eval_loss": 1.1,
         "eval/constraints/length_max/value": -0.2,

@@ -489,13 +489,14 @@ def markdown(res: dict) -> str:
         f"Model {cfg['model_name']}; {cfg['prompts']} prompts x {cfg['k']} samples per step, at most "
         f"{cfg['max_new_tokens']} new tokens, temperature 1; AdamW lr {cfg['learning_rate']}, constant, clipping 1; "
         f"{res['rounds_timed']} timed rounds after {cfg['warmup']} warm-up round(s), the order of the sides "
-        f"rotating each round ({', '.join(res['order'])}); {res['elapsed_s'] / 60:.1f} minutes in all.",
+        f"rotating each round ({', '.join(res['order'])}); {res['elapsed_s'] / 60:.1f} minutes in all; load average "
+        f"{res['load_average_1min']['start']:.1f} at the start, {res['load_average_1min']['end']:.1f} at the end.",
         f"Same prompts on every side in every round: **{'yes' if res['same_prompts'] else 'NO'}** "
         f"(hash of the prompt token ids each side sampled from).",
         "",
         "| side | generated tokens/s, median [min, max] | step s (median) | mean completion tokens | cut off at the "
-        f"cap | task-loss tokens per step | sampling ms/token | rest ms/token | {mem} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"cap | task-loss tokens per step | sampling ms/token | sampling ms/decode step | rest ms/token | {mem} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in s.items():
         t = v["tokens_per_s"]
@@ -503,7 +504,8 @@ def markdown(res: dict) -> str:
             f"| {name}: {SIDES[name]} | {t['median']:.1f} [{t['min']:.1f}, {t['max']:.1f}] | {v['wall_s_median']:.2f} "
             f"| {v['mean_completion_tokens']:.1f} | {100 * v['truncated_share']:.0f}% | "
             f"{v.get('task_tokens_per_step', 0):.0f} | "
-            f"{v['sampling_ms_per_token']:.1f} | {v['rest_ms_per_token']:.1f} | {v['peak_mib']:.0f} |"
+            f"{v['sampling_ms_per_token']:.1f} | {v['sampling_ms_per_decode_step']:.1f} | "
+            f"{v['rest_ms_per_token']:.1f} | {v['peak_mib']:.0f} |"
         )
     lines += [
         "",
@@ -542,7 +544,8 @@ def markdown(res: dict) -> str:
         "rewards = the reward function / the constraints; loss_forward = `compute_loss` (the log-prob forward and "
         "the loss); backward = `accelerator.backward`; optimizer = gradient clipping and `optimizer.step`; other = "
         "the rest (data, tokenising, decoding, advantages or weights, logging). Generated tokens count each "
-        "completion up to and including its end token.",
+        "completion up to and including its end token; a decode step is one new token for the whole batch (a "
+        "step's decode steps: its longest completion).",
     ]
     notes = list(res.get("notes") or [])
     dtypes = {name: v["param_dtype"] for name, v in s.items()}
@@ -570,6 +573,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting rounds after this long")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the .json and .md results")
     ap.add_argument("--name", default=None, help="results file name without suffix (default: from the setting)")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only write the .md of an earlier run's .json")
     a = ap.parse_args(argv)
     a.sides = a.sides or (GPU_SIDES if a.gpu else CPU_SIDES)
     a.prompts = a.prompts or (8 if a.gpu else 2)
@@ -580,6 +584,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.render:
+        src = Path(a.render)
+        src.with_suffix(".md").write_text(markdown(json.loads(src.read_text())))
+        return 0
     order = [t.strip() for t in a.sides.split(",") if t.strip()]
     unknown = [t for t in order if t not in SIDES]
     if unknown:
@@ -631,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     procs, conns, ready = {}, {}, {}
     t_start = time.time()
+    load_start = os.getloadavg()
 
     def receive(side: str, kind: str):
         try:
@@ -710,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "order": order,
         "rounds_timed": len(timed[order[0]]),
         "elapsed_s": time.time() - t_start,
+        "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},  # other jobs on the machine
         "same_prompts": same,
         "sides": sides,
         "comparisons": comparisons,

@@ -249,6 +249,7 @@ def run_generate(ns: argparse.Namespace) -> None:
         temperature=ns.temperature,
         seed=ns.seed,
         progress=len(examples) > 8,
+        sampler=ns.sampler,
     )
     for i, comp in enumerate(b.completions):
         n, cut = int(b.lengths[i]), bool(b.truncated[i])
@@ -285,7 +286,7 @@ def run_demo(ns: argparse.Namespace) -> None:
     settings = dict(k=2, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0, progress=False)
     print(f"\nevaluating the initial and the trained model on {len(heldout)} held-out prompts x 2 samples ...")
     results = [
-        evaluate_model(load_causal_lm(cfg["model"]), tok, cons, heldout, name="initial model", **settings),
+        evaluate_model(load_causal_lm(cfg["model"]), tok, cons, heldout, name="initial", **settings),
         evaluate_model(trainer.accelerator.unwrap_model(trainer.model), tok, cons, heldout, name="trained", **settings),
     ]
     write_outputs(results, os.path.join(ns.output_dir, "heldout_eval"))
@@ -324,6 +325,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", default="hf", choices=["hf", "static", "paged"], help="what draws the samples")
     g.add_argument("--json", action="store_true", help="one JSON object per line")
 
     d = sub.add_parser("demo", help="the embedded default: SmolLM2-135M-Instruct, built-in data, a length limit")

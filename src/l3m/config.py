@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from l3m.sampling import check_sampling_settings
+from l3m.sampling import check_sampler, check_sampling_settings
 
 
 @dataclass
@@ -44,6 +44,14 @@ class L3MConfig(TrainingArguments):
         },
     )
     top_k: int = field(default=0, metadata={"help": "Must stay 0, for the same reason as top_p."})
+    sampler: str = field(
+        default="hf",
+        metadata={
+            "help": "What draws the samples, all from the same softmax(logits / temperature): 'hf' (transformers' "
+            "generate, dynamic KV cache, each prompt encoded once), 'static' (static KV cache, shapes bucketed; the "
+            "decode step compiled on a GPU) or 'paged' (transformers' continuous batching, paged attention)."
+        },
+    )
     # --- task data
     max_length: int = field(
         default=512, metadata={"help": "Longest task sequence (prompt + reference response), in tokens."}
@@ -104,6 +112,7 @@ class L3MConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         check_sampling_settings(self.top_p, self.top_k)
+        check_sampler(self.sampler)
         if self.num_generations < 2 and self.baseline == "leave_one_out":
             raise ValueError("num_generations must be >= 2 for the leave-one-out baseline")
         if self.baseline not in ("leave_one_out", "none"):

@@ -27,15 +27,14 @@ def format_log_line(logs: Mapping[str, Any], step: int, max_steps: int | None = 
     """One compact line for a dict of logs (training or evaluation metrics); fields that are absent are left out."""
     parts = [f"step {step}/{max_steps}" if max_steps else f"step {step}"]
     if "train_runtime" in logs:  # the summary transformers logs at the end of training
-        done = f"done in {_num(logs['train_runtime'], 1, fixed=True)} s"
-        if "train_loss" in logs:
-            done += f", train loss {_num(logs['train_loss'], 4)}"
+        done = f"done in {_num(logs['train_runtime'], 1, fixed=True)} s"  # train_loss is the surrogate's: not shown
         parts.append(done)
     if "mu" in logs:
         parts.append(f"mu {_num(logs['mu'])}")
-    task = logs.get("task_nll", logs.get("loss"))
-    if task is not None:
-        parts.append(f"task {_num(task, 4)}")
+    if "task_nll" in logs:
+        parts.append(f"task {_num(logs['task_nll'], 4)}")
+    elif "loss" in logs:  # no task loss (minimax without it, plain logs): the optimised loss itself
+        parts.append(f"loss {_num(logs['loss'], 4)}")
     for name, fields in _group(logs, (PREFIX,)).items():
         parts.append(_constraint_part(name, fields))
     if "eval_loss" in logs:

@@ -195,6 +195,7 @@ def evaluate_model(
     progress: bool = True,
     name: str = "model",
     warned: Sequence[str] = (),
+    sampler: str = "hf",
 ) -> dict:
     """Task log-perplexity on ``heldout`` and constraint verdicts on ``k`` samples per prompt.
 
@@ -227,6 +228,7 @@ def evaluate_model(
             max_prompt_length=max_prompt_length,
             seed=seed,
             progress=progress,
+            sampler=sampler,
         )
         result["n_prompts"] = len(sample_from)
         lengths = samples.lengths.tolist()
@@ -270,13 +272,13 @@ MODEL_COLUMNS = (
 )
 
 
-def model_row(r: dict) -> list[str]:
+def model_row(r: dict, compact: bool = False) -> list[str]:
     """One model's summary cells: perplexity, lengths, the share cut off at max_new_tokens, repetition, diversity.
 
     Repetition is the share of responses in which some token 4-gram occurs 3 or more times; distinct-2 the share of
     distinct token bigrams among all of them."""
     ppl = r.get("task_logppl")
-    ppl_s = f"{ppl['mean']:.3f} ± {ppl['std']:.3f} (n={ppl['n']})" if ppl else "—"
+    ppl_s = f"{ppl['mean']:.3f} ± {ppl['std']:.3f}" + ("" if compact else f" (n={ppl['n']})") if ppl else "—"
     ln, q = r.get("lengths") or {}, r.get("quality") or {}
     if not ln.get("n"):
         return [r["model"], ppl_s] + ["—"] * (len(MODEL_COLUMNS) - 2)
@@ -285,7 +287,7 @@ def model_row(r: dict) -> list[str]:
     return [
         r["model"],
         ppl_s,
-        f"{ln['mean']:.1f} ± {ln['std']:.1f}",
+        f"{ln['mean']:.1f}" if compact else f"{ln['mean']:.1f} ± {ln['std']:.1f}",
         f"{ln['median']:.0f}",
         f"{100 * cut:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]",
         f"{100 * q.get('repetition_rate', math.nan):.0f}%",
@@ -323,11 +325,11 @@ def print_rich(results: Sequence[dict], console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    t = Table(title="held-out evaluation")
-    for col in MODEL_COLUMNS:
+    t = Table(title="held-out evaluation (cut off: at max_new_tokens, 95% CI; repeat: a 4-gram 3+ times)")
+    for col in ("model", "log-ppl", "mean len", "median", "cut off", "repeat", "dist-2", "n×k"):
         t.add_column(col)
     for r in results:
-        t.add_row(*model_row(r))
+        t.add_row(*model_row(r, compact=True))
     console.print(t)
     rows = [(r, c) for r in results for c in r.get("constraints") or []]
     if rows:
@@ -391,6 +393,7 @@ def run_evaluate(ns) -> list[dict]:
                 progress=not ns.quiet,
                 name=ns.name if ns.name and len(ns.model) == 1 else str(m),
                 warned=training_warnings(m) if Path(m).is_dir() else (),
+                sampler=ns.sampler,
             )
         )
         del model
@@ -439,6 +442,12 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="use the training run's temperature")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sampler",
+        choices=("hf", "static", "paged"),
+        default="hf",
+        help="what draws the samples (as the training field 'sampler'): hf, static or paged",
+    )
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--name", help="the model's name in the tables (one model only)")
     p.add_argument("--output", "-o", help="write OUTPUT.json and OUTPUT.md")

@@ -72,6 +72,7 @@ class HeldoutChecks:
                 max_prompt_length=args.max_prompt_length,
                 seed=None,
                 progress=False,
+                sampler=args.sampler,
             )
         raw, c = evaluate_constraints(tr.constraints, samples)
         m = len(tr.constraints)

@@ -10,12 +10,36 @@ same reason (see :func:`check_sampling_settings`).
 A completion is the response's tokens up to, not including, its first end token: ``completion_ids[j]`` has
 ``lengths[j]`` tokens, in training and in evaluation alike. The log-probability of a sample covers its end token
 too (stopping there is part of the sampled response); :meth:`Completions.scored_ids` gives those tokens.
+
+Three samplers draw the samples, all from that same distribution and all returning the same structures
+(``sampler`` in :class:`l3m.L3MConfig`, ``--sampler`` in ``l3m evaluate``):
+
+* ``hf`` (default): transformers' ``generate`` with a dynamic KV cache; each prompt is encoded once for its ``k``
+  samples (:func:`_shared_prompt_cache`).
+* ``static``: ``generate`` with transformers' static KV cache (``cache_implementation="static"``), each prompt
+  encoded once per sample. Prompts are left-padded to a multiple of :data:`STATIC_PROMPT_BUCKET` tokens and the
+  cache is sized to that width plus ``max_new_tokens`` (transformers keeps the largest size a model has seen), so
+  the shapes repeat from call to call. transformers compiles the decode step by itself on accelerators (CUDA graphs
+  on a GPU); there the batch is also padded up to a power of two. On a CPU transformers does not compile, and
+  neither does l3m: the static cache runs eagerly. On a CPU it draws the same random numbers as ``hf``, and so the
+  same samples.
+* ``paged``: transformers' continuous batching (``init_continuous_batching``, paged attention): a sequence that
+  ends frees its cache blocks at once, and each prompt is prefilled once and forked into its ``k`` samples. Its
+  cache is sized to the call's requests, so nothing is evicted. Its samples are reproducible: all requests are
+  queued before the generation loop starts (one schedule), and the loop's RNG is seeded from the caller's, so a
+  seed gives the same samples, on one process or several (they are not ``hf``'s samples: the random numbers are
+  drawn in another order). It refuses sharded weights (FSDP, DeepSpeed ZeRO-3).
+
+A backend is one function in :data:`_BACKENDS`; another engine (vLLM, say) would be one more entry.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import copy
+import gc
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -97,26 +121,160 @@ def _shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, k: int):
     return cache
 
 
+def _hf(model, ids: torch.Tensor, mask: torch.Tensor, k: int, config: GenerationConfig) -> torch.Tensor:
+    """``generate`` with a dynamic KV cache, each prompt encoded once for its ``k`` samples: the samples are drawn as
+    ``generate(..., num_return_sequences=k)`` draws them, with the same random numbers."""
+    cache = _shared_prompt_cache(model, ids, mask, k)
+    if cache is None:
+        out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=k)
+    else:
+        rep_ids, rep_mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        out = model.generate(input_ids=rep_ids, attention_mask=rep_mask, **{cache_kwarg(model): cache})
+    return out[:, ids.shape[1] :]
+
+
+STATIC_PROMPT_BUCKET = 64  # the static sampler pads prompts on the left to a multiple of this many tokens
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _static(model, ids: torch.Tensor, mask: torch.Tensor, k: int, config: GenerationConfig) -> torch.Tensor:
+    """``generate`` with transformers' static KV cache, on bucketed shapes (see the module's docstring)."""
+    width = _round_up(ids.shape[1], STATIC_PROMPT_BUCKET)
+    if width > ids.shape[1]:
+        fill = width - ids.shape[1]
+        ids = torch.cat([ids.new_full((ids.shape[0], fill), config.pad_token_id), ids], 1)
+        mask = torch.cat([mask.new_zeros((mask.shape[0], fill)), mask], 1)
+    rows = ids.shape[0] * k
+    ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    if ids.device.type != "cpu":  # transformers compiles the decode step here: a fixed batch shape too
+        extra = 2 ** math.ceil(math.log2(rows)) - rows
+        ids, mask = torch.cat([ids, ids[:1].expand(extra, -1)]), torch.cat([mask, mask[:1].expand(extra, -1)])
+    static = copy.deepcopy(config)
+    static.cache_implementation = "static"
+    static.max_cache_len = width + config.max_new_tokens
+    with _own_generation_config(model, static):
+        out = model.generate(input_ids=ids, attention_mask=mask)
+    return out[:rows, width:]
+
+
+PAGE_SIZE = 32  # tokens per page of the paged sampler's KV cache
+
+
+def _paged(model, ids: torch.Tensor, mask: torch.Tensor, k: int, config: GenerationConfig) -> torch.Tensor:
+    """transformers' continuous batching: paged attention, slots freed as sequences end (see the module's
+    docstring). The cache holds every request of the call at full length, so nothing is ever evicted."""
+    from transformers import ContinuousBatchingConfig
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if is_deepspeed_zero3_enabled() or is_fsdp_managed_module(base):
+        raise ValueError(
+            "the paged sampler cannot sample from sharded weights (FSDP, DeepSpeed ZeRO-3): its processes would run "
+            "different numbers of forward passes, each gathering the weights; use sampler 'hf' or 'static'"
+        )
+    paged = copy.deepcopy(config)
+    paged.num_return_sequences = k  # each prompt is prefilled once, then forked into its k samples
+    processors = base._get_logits_processor(paged)
+    if not all(isinstance(p, TemperatureLogitsWarper) for p in processors):  # exactness: softmax(logits / T) only
+        raise ValueError(f"the paged sampler would apply logits processors beyond the temperature: {processors}")
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    n = len(prompts) * k
+    pages = sum(math.ceil((len(p) + config.max_new_tokens + 1) / PAGE_SIZE) for p in prompts)
+    dev = torch.device(base.device)
+    # The seed comes from the caller's RNG (seeded per micro-batch and process by the trainer). transformers seeds the
+    # global RNG with it plus the data-parallel rank, which l3m's seed accounts for already: the rank is taken off, so
+    # that a micro-batch draws the same samples whichever process samples it. The RNG state is restored afterwards.
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    seed = int(torch.randint(0, 2**31 - 1, (1,))) - rank
+    cb = ContinuousBatchingConfig(
+        page_size=PAGE_SIZE,
+        num_blocks=k * pages + len(prompts),
+        max_batch_tokens=min(8192, max(sum(map(len, prompts)), n)),
+        max_requests_per_batch=n,
+        seed=seed,
+        drop_unsupported_processors=False,
+    )
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _objects_frozen():
+        manager = base.init_continuous_batching(generation_config=paged, continuous_batching_config=cb)
+        try:
+            manager.warmup()  # builds the batch processor (and seeds it) before the loop starts
+            request_ids = manager.add_requests(prompts, max_new_tokens=config.max_new_tokens)
+            manager.start()  # every request is queued already: one schedule for a given seed
+            results = {}
+            while len(results) < n:
+                out = manager.get_result(timeout=1)
+                if out is not None and out.is_finished():
+                    results[out.request_id] = out
+                elif out is None and not manager.is_running():
+                    break
+        finally:
+            manager.stop(block=True)
+            manager.destroy()
+    rows = []
+    for rid in request_ids:
+        for key in [f"{rid}__child#{i}" for i in range(k - 1)] + [rid]:
+            out = results.get(key)
+            if out is None or out.error is not None:
+                raise RuntimeError(f"paged sampling failed for request {key}: {getattr(out, 'error', 'no result')}")
+            rows.append(list(out.generated_tokens))
+    return _pad_rows(rows, config.pad_token_id)
+
+
+@contextlib.contextmanager
+def _objects_frozen():
+    """Keep the process's objects out of the garbage collections transformers runs as continuous batching stops
+    (``gc.collect()`` twice per call: about 0.2 s each in a process holding a model), so that they only scan the
+    call's own objects; unfrozen afterwards, the objects are collected as usual. Where something else froze objects
+    already, that freeze is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(1, max(map(len, rows)))
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+Backend = Callable[[object, torch.Tensor, torch.Tensor, int, GenerationConfig], torch.Tensor]
+_BACKENDS: dict[str, Backend] = {"hf": _hf, "static": _static, "paged": _paged}
+SAMPLERS = tuple(_BACKENDS)
+
+
+def check_sampler(sampler: str) -> None:
+    if sampler not in _BACKENDS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+
+
 @torch.no_grad()  # not inference_mode: FSDP gathers sharded weights in each forward call, which that forbids
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, config: GenerationConfig):
+def generate(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, config: GenerationConfig, sampler: str = "hf"
+) -> torch.Tensor:
     """``k`` samples per left-padded prompt, grouped consecutively: the new tokens ``[P * k, T]`` (padded after each
-    sample's end). Each prompt is encoded once for its ``k`` samples (its KV cache repeated ``k`` times); the samples
-    are drawn as ``generate(..., num_return_sequences=k)`` draws them, with the same random numbers."""
+    sample's end), drawn by ``sampler`` (``hf``, ``static`` or ``paged``; see the module's docstring)."""
+    check_sampler(sampler)
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     ids, mask = prompt_ids.to(dev), prompt_mask.to(dev)
     try:
         with _own_generation_config(model, config):
-            cache = _shared_prompt_cache(model, ids, mask, k)
-            if cache is None:
-                out = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=k)
-            else:
-                rep_ids, rep_mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-                out = model.generate(input_ids=rep_ids, attention_mask=rep_mask, **{cache_kwarg(model): cache})
+            out = _BACKENDS[sampler](model, ids, mask, k, config)
     finally:
         model.train(was_training)
-    return out[:, ids.shape[1] :].cpu()
+    return out.cpu()
 
 
 @dataclass
@@ -175,8 +333,10 @@ def sample_examples(
     max_prompt_length: int = 256,
     seed: int | None = 0,
     progress: bool = True,
+    sampler: str = "hf",
 ) -> SampleBatch:
     """``k`` samples for each example's prompt (held-out evaluation, ``l3m generate``), by :func:`generate`."""
+    check_sampler(sampler)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if seed is not None:
@@ -190,7 +350,7 @@ def sample_examples(
         ids = [prompt_ids(tokenizer, ex.prompt)[-max_prompt_length:] for ex in chunk]
         p = pad(ids, tokenizer.pad_token_id, "left")
         m = pad([[1] * len(x) for x in ids], 0, "left")
-        comps = split_completions(generate(model, p, m, k, config), eos)
+        comps = split_completions(generate(model, p, m, k, config, sampler), eos)
         ids_all += comps.ids
         ends_all += comps.end_ids
         bar.update(len(chunk))

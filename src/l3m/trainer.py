@@ -27,7 +27,7 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel, Trainer
@@ -45,6 +45,17 @@ from l3m.logprobs import eos_token_ids, response_logprobs, shared_prefix_logprob
 from l3m.sampling import Completions, generate, generation_config, sample_batch, seeded_rng, split_completions
 
 logger = logging.getLogger(__name__)
+
+
+class _Drawn(NamedTuple):
+    """One micro-batch's samples: the prompts, the completions, what the constraints saw and their values."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completions: Completions
+    samples: SampleBatch
+    raw: torch.Tensor  # [n, m]: the raw quantities (tokens, rewards)
+    c: torch.Tensor  # [n, m]: c_i(x, y)
 
 
 class L3MTrainer(AtomicCheckpointMixin, Trainer):
@@ -207,7 +218,7 @@ class L3MTrainer(AtomicCheckpointMixin, Trainer):
         config = generation_config(args.max_new_tokens, args.temperature, self.eos_token_ids, tok.pad_token_id)
         model = self.accelerator.unwrap_model(self.model)
         return split_completions(
-            generate(model, prompt_ids, prompt_mask, args.num_generations, config), self.eos_token_ids
+            generate(model, prompt_ids, prompt_mask, args.num_generations, config, args.sampler), self.eos_token_ids
         )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -220,7 +231,7 @@ class L3MTrainer(AtomicCheckpointMixin, Trainer):
         """Steps 1-3 for one optimiser step's micro-batches; each batch gets its samples and their weights."""
         args, k, tok = self.args, self.args.num_generations, self.processing_class
         t0 = time.perf_counter()
-        drawn, error = [], None  # per micro-batch: (prompts, completions, samples, c)
+        drawn, error = [], None  # per micro-batch: what was sampled and what the constraints made of it
         for micro, batch in enumerate(batches):
             p_ids, p_mask, idx = self._prompt_batch(batch, micro)
             with seeded_rng(self.args.device, self.args.seed * 1_000_003 + self._micro_index(micro)):
@@ -232,7 +243,7 @@ class L3MTrainer(AtomicCheckpointMixin, Trainer):
             except Exception as exc:  # noqa: BLE001 - raised below, on every process at once
                 error = self._constraint_error(exc, sb)
                 raw = c = torch.zeros(len(comps.ids), len(self.constraints))
-            drawn.append(((p_ids, p_mask), comps, sb, raw, c))
+            drawn.append(_Drawn(p_ids, p_mask, comps, sb, raw, c))
             if error is not None:
                 break
         t_gen = time.perf_counter() - t0
@@ -242,10 +253,10 @@ class L3MTrainer(AtomicCheckpointMixin, Trainer):
         dev = self.args.device
         dtype = torch.float32 if dev.type == "mps" else torch.float64
         m = len(self.constraints)
-        sums = torch.stack([d[4].sum(0) for d in drawn]).sum(0)
-        raw_sums = torch.stack([d[3].sum(0) for d in drawn]).sum(0)
-        lengths = [n for d in drawn for n in d[1].lengths]
-        cut = [t for d in drawn for t in d[1].truncated]
+        sums = torch.stack([d.c.sum(0) for d in drawn]).sum(0)
+        raw_sums = torch.stack([d.raw.sum(0) for d in drawn]).sum(0)
+        lengths = [n for d in drawn for n in d.completions.lengths]
+        cut = [t for d in drawn for t in d.completions.truncated]
         extra = torch.tensor([sum(lengths), sum(cut), float(error is not None), len(lengths)])
         stats = self.accelerator.reduce(torch.cat([sums, raw_sums, extra]).to(dev, dtype), reduction="sum")
         if stats[-2] > 0:
@@ -263,7 +274,7 @@ class L3MTrainer(AtomicCheckpointMixin, Trainer):
 
         # The per-sample weights of step 4's surrogate, lambda_i (c_i - b_i) summed over i, and the samples as
         # sequences (prompt + response + its end token) and as (prompt, continuation) for prefix sharing.
-        for batch, ((p_ids, p_mask), comps, sb, _raw, c) in zip(batches, drawn):
+        for batch, (p_ids, p_mask, comps, sb, _raw, c) in zip(batches, drawn):
             c = c.double()
             base = leave_one_out_baseline(c, sb.group_ids) if args.baseline == "leave_one_out" else torch.zeros_like(c)
             batch["sample_weights"] = ((c - base) * lam.unsqueeze(0)).sum(1).float()
