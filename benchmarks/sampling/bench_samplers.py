@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/random_llama.py
+
 HERE = Path(__file__).resolve().parent
 SAMPLERS = ("hf", "static", "paged")
 MARK = "@@bench "  # the workers' result lines on stdout start with this
@@ -80,29 +82,13 @@ def sizes_of(ns) -> list[tuple[int, int]]:
 def random_llama(tokenizer_dir: str | None):
     """The 1.0B random Llama of scripts/gpu_check.py, bf16 on the GPU, with the default model's tokenizer."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from random_llama import random_llama_1b
+    from transformers import AutoTokenizer
 
     from l3m.models import default_model_path
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir or default_model_path())
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=20,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return model, tok
+    return random_llama_1b(tok, "cuda").to(torch.bfloat16), tok
 
 
 def proc_status(field: str) -> int:

@@ -70,6 +70,8 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/random_llama.py
+
 HERE = Path(__file__).resolve().parent
 SIDES = {
     "trl": "TRL GRPOTrainer (beta=0)",
@@ -175,7 +177,8 @@ def prompt_hash(prompts: list[list[int]]) -> str:
 def load_model(spec: str, cuda: bool):
     """(model, tokenizer) for ``--model``; a random model is initialised from seed 0, so every side gets the same."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from random_llama import random_llama_1b
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from l3m.models import default_model_path
 
@@ -185,24 +188,7 @@ def load_model(spec: str, cuda: bool):
         tok.pad_token = tok.eos_token
     if spec != "random-1b":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
-    cfg = LlamaConfig(  # about 1.0B parameters with a 49k vocabulary, as in scripts/gpu_check.py
-        vocab_size=len(tok),
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=20,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda" if cuda else "cpu"):
-        model = LlamaForCausalLM(cfg)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return model, tok
+    return random_llama_1b(tok, "cuda" if cuda else "cpu"), tok
 
 
 def worker(side: str, cfg: dict, conn) -> None:
