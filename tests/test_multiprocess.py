@@ -269,5 +269,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
         Path(_out, "distributed.txt").write_text(f"{state.distributed_type} {state.num_processes}\n")
     # leave the process group before exiting: left to interpreter shutdown, gloo's threads sometimes abort a
     # process ("terminate called without an active exception") on a loaded machine after all the work is done
-    state.wait_for_everyone()
-    state.destroy_process_group()
+    from l3m.cli import _leave_process_group
+
+    _leave_process_group()  # as l3m's CLI leaves it: the group destroyed, no native teardown for gloo to abort in

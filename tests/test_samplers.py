@@ -291,5 +291,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     state = PartialState()
     if state.is_main_process:
         Path(sys.argv[3], "distributed.txt").write_text(f"{state.distributed_type} {state.num_processes}\n")
-    state.wait_for_everyone()  # leave the process group before exiting (gloo's threads, on a loaded machine)
-    state.destroy_process_group()
+    from l3m.cli import _leave_process_group
+
+    _leave_process_group()  # as l3m's CLI leaves it: the group destroyed, no native teardown for gloo to abort in

@@ -408,13 +408,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Under ``accelerate launch`` / ``torchrun``: all processes leave the process group together once the work is
-    done. Left to interpreter shutdown, gloo's threads sometimes abort a process on a loaded machine, and a finished
-    run then exits with an error."""
+    done, then exit without the interpreter's native teardown. Left to that teardown, gloo's threads sometimes abort
+    a finished process ("terminate called without an active exception") on a loaded machine, even after the group
+    is destroyed; the Python exit handlers (trackers' final syncs) still run first."""
+    import atexit
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        logging.shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
