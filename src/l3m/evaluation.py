@@ -22,23 +22,8 @@ from l3m.constraints import Constraint, SampleBatch, evaluate_constraints
 from l3m.data import Example, pad, tokenize_examples
 from l3m.errors import L3MUserError
 from l3m.logprobs import response_logprobs
-from l3m.quality import quality_stats
+from l3m.quality import bootstrap_ci, quality_stats
 from l3m.sampling import sample_examples
-
-
-def bootstrap_ci(
-    per_prompt: torch.Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over prompts (``per_prompt`` holds one mean per prompt)."""
-    n = per_prompt.numel()
-    if n < 2:
-        v = float(per_prompt.mean()) if n else float("nan")
-        return v, v
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)
-    means = per_prompt.double()[idx].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64))
-    return float(lo), float(hi)
 
 
 def verdict(lo: float, hi: float) -> str:

@@ -62,13 +62,21 @@ def bootstrap_share_ci(
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     shares = torch.as_tensor([bool(f) for f in flags], dtype=torch.float64).reshape(-1, unit).mean(1)
-    n = shares.numel()
+    return bootstrap_ci(shares, n_boot, level, seed)
+
+
+def bootstrap_ci(per_unit: torch.Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over units (``per_unit`` holds one value per unit, e.g. per
+    prompt); the resamples are drawn 256 at a time, which bounds memory and draws the same numbers as one draw.
+    Fewer than two units give the point estimate twice."""
+    n = per_unit.numel()
     if n < 2:
-        v = float(shares.mean()) if n else math.nan
+        v = float(per_unit.double().mean()) if n else math.nan
         return v, v
     g = torch.Generator().manual_seed(seed)
+    values = per_unit.double()
     means = torch.cat(
-        [shares[torch.randint(0, n, (min(256, n_boot - i), n), generator=g)].mean(1) for i in range(0, n_boot, 256)]
+        [values[torch.randint(0, n, (min(256, n_boot - i), n), generator=g)].mean(1) for i in range(0, n_boot, 256)]
     )
     tails = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
     lo, hi = torch.quantile(means, tails).tolist()

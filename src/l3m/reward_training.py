@@ -376,7 +376,7 @@ def evaluate_reward_model(
     The texts are scored exactly as a reward constraint scores them (``RewardModel.__call__``). A pair
     counts as correct when ``r(chosen) > r(rejected)``; the 95% interval is a bootstrap over pairs.
     """
-    from l3m.evaluation import bootstrap_ci
+    from l3m.quality import bootstrap_ci
     from l3m.rewards import RewardModel
 
     rm = reward_model if isinstance(reward_model, RewardModel) else RewardModel(str(reward_model), device, batch_size)
