@@ -316,7 +316,7 @@ def figures(records: dict[int, dict[str, dict]], initial: dict | None, out_dir: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from l3m.report import plot_length_histograms
+    from l3m.report import length_boxes, plot_length_histograms
 
     evs: dict[str, list[dict]] = {}
     for model in MODELS:
@@ -332,17 +332,7 @@ def figures(records: dict[int, dict[str, dict]], initial: dict | None, out_dir: 
     pos = list(range(1, len(names) + 1))
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [3, 2]})
-    ax.boxplot(
-        [lengths[m] for m in names],
-        positions=pos,
-        whis=(0, 100),
-        widths=0.5,
-        showmeans=True,
-        patch_artist=True,
-        boxprops={"facecolor": "#dde6f3"},
-        medianprops={"color": "black"},
-        meanprops={"marker": "D", "markerfacecolor": "red", "markeredgecolor": "red", "markersize": 6},
-    )
+    length_boxes(ax, [lengths[m] for m in names], pos)
     labelled = False
     for p, m in zip(pos, names):
         rng = model_range(m)

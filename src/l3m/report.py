@@ -316,15 +316,8 @@ def plot_length_histograms(
     return Path(path)
 
 
-def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) -> Path:
-    """The paper's Figure 2: response-length box plots with the constraint range, and task log-ppl."""
-    evals = [e for e in evals if (e.get("lengths") or {}).get("values")]
-    if not evals:
-        raise L3MUserError("no evaluation with sampled response lengths to plot")
-    names = [e["model"] for e in evals]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
-    data = [e["lengths"]["values"] for e in evals]
-    pos = list(range(1, len(evals) + 1))
+def length_boxes(ax, data: Sequence[Sequence[int]], pos: Sequence[int]) -> None:
+    """Response lengths as box plots (box: quartiles, black line: median, red diamond: mean, whiskers: min-max)."""
     ax.boxplot(
         data,
         positions=pos,
@@ -336,6 +329,18 @@ def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) 
         medianprops={"color": "black"},
         meanprops={"marker": "D", "markerfacecolor": "red", "markeredgecolor": "red", "markersize": 6},
     )
+
+
+def plot_lengths_and_perplexity(evals: Sequence[dict], path: str | os.PathLike) -> Path:
+    """The paper's Figure 2: response-length box plots with the constraint range, and task log-ppl."""
+    evals = [e for e in evals if (e.get("lengths") or {}).get("values")]
+    if not evals:
+        raise L3MUserError("no evaluation with sampled response lengths to plot")
+    names = [e["model"] for e in evals]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    data = [e["lengths"]["values"] for e in evals]
+    pos = list(range(1, len(evals) + 1))
+    length_boxes(ax, data, pos)
     drew_range = False
     for p, e in zip(pos, evals):
         rng = _length_range(e)
