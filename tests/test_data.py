@@ -4,7 +4,7 @@ import json
 import pytest
 
 from l3m import L3MUserError
-from l3m.data import load_examples, read_records, tokenize_examples
+from l3m.data import load_examples, read_records, split_by_key, tokenize_examples
 
 
 def write(path, text):
@@ -122,3 +122,19 @@ def test_long_prompts_are_truncated_and_counted(tiny_model, caplog):
 def test_read_records_json_array_lines(tmp_path):
     recs = read_records(write(tmp_path / "a.json", '[{"x": 1},\n\n {"x": 2}]'))
     assert [w.rsplit(":", 1)[1] for _, w in recs] == ["1", "3"]
+
+
+def test_split_by_key_is_disjoint_fixed_and_keeps_a_shared_key_in_one_split():
+    keys = [f"prompt {i}" for i in range(40)] + ["twice", "twice", "thrice", "thrice", "thrice"]
+    sizes = {"train": 25, "selection": 10, "test": 10}
+    a = split_by_key(keys, sizes, seed=0)
+    assert {n: len(v) for n, v in a.items()} == sizes
+    sets = [set(v) for v in a.values()]
+    assert all(not (x & y) for i, x in enumerate(sets) for y in sets[i + 1 :])  # disjoint
+    assert set().union(*sets) == set(range(len(keys)))  # every record in one split
+    where = {i: n for n, v in a.items() for i in v}
+    assert where[40] == where[41] and where[42] == where[43] == where[44]  # a repeated prompt stays in one split
+    assert split_by_key(keys, sizes, seed=0) == a  # fixed for a given split seed
+    assert split_by_key(keys, sizes, seed=1) != a
+    with pytest.raises(ValueError, match="holds"):  # more held-out records asked for than there are
+        split_by_key(keys[:10], sizes, seed=0)

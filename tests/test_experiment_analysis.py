@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from l3m.data import split_by_key
+
 LENGTH = Path(__file__).resolve().parents[1] / "experiments" / "length"
 sys.path.insert(0, str(LENGTH))
 
@@ -87,33 +89,17 @@ def test_paired_difference_of_two_models_on_the_same_references():
 # splits and configs of the length experiment
 
 
-def test_splits_are_disjoint_fixed_and_keep_a_shared_prompt_in_one_split():
-    keys = [f"prompt {i}" for i in range(40)] + ["twice", "twice", "thrice", "thrice", "thrice"]
-    sizes = {"train": 25, "selection": 10, "test": 10}
-    a = length_run.make_splits(keys, sizes, seed=0)
-    assert {n: len(v) for n, v in a.items()} == sizes
-    sets = [set(v) for v in a.values()]
-    assert all(not (x & y) for i, x in enumerate(sets) for y in sets[i + 1 :])  # disjoint
-    assert set().union(*sets) == set(range(len(keys)))  # every record in one split
-    where = {i: n for n, v in a.items() for i in v}
-    assert where[40] == where[41] and where[42] == where[43] == where[44]  # a repeated prompt stays in one split
-    assert length_run.make_splits(keys, sizes, seed=0) == a  # fixed for a given split seed
-    assert length_run.make_splits(keys, sizes, seed=1) != a
-    with pytest.raises(ValueError, match="holds"):  # more held-out records asked for than there are
-        length_run.make_splits(keys[:10], sizes, seed=0)
-
-
 def test_length_experiment_splits_of_the_real_data():
     if not length_run.DATA.is_file():
         pytest.skip(f"the shared data set {length_run.DATA} is absent (see ../shared/data/README.md)")
     records = json.loads(length_run.DATA.read_text())
     keys = [length_run.prompt_key(r) for r in records]
-    s = length_run.make_splits(keys, length_run.SPLIT_SIZES, length_run.SPLIT_SEED)
+    s = split_by_key(keys, length_run.SPLIT_SIZES, length_run.SPLIT_SEED)
     assert [len(s[n]) for n in ("train", "selection", "test")] == [800, 150, 150]
     prompts = {n: {keys[i] for i in v} for n, v in s.items()}
     assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["selection"]
     assert not prompts["selection"] & prompts["test"]
-    assert s == length_run.make_splits(keys, length_run.SPLIT_SIZES, length_run.SPLIT_SEED)
+    assert s == split_by_key(keys, length_run.SPLIT_SIZES, length_run.SPLIT_SEED)
 
 
 def test_length_experiment_configs_differ_only_in_their_constraints():
@@ -269,3 +255,54 @@ def test_length_experiment_smoke_run_and_resume(tmp_path, tiny_model):
     assert 2 in steps and json.loads((out / "summary.json").read_text())["steps"] == 2
     assert not list(out.glob("checkpoint-*"))  # removed once the model is saved
     assert (results / "evals" / "seed0" / "l3m_short.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# the helpful-and-harmless experiment's rows over seeds
+
+
+def _reward_ev(name, rewards, verdicts, ppl, b=(0.0, 0.0)):
+    cons = [
+        {"name": a, "mean_raw": r, "value": bi - r, "ci95": [bi - r - 0.1, bi - r + 0.1], "verdict": v}
+        for a, r, v, bi in zip(("helpful", "harmless"), rewards, verdicts, b)
+    ]
+    q = {"median_length": 10.0, "truncated_share": 0.5, "repetition_rate": 0.0, "distinct_2": 0.8}
+    ev = {"model": name, "constraints": cons, "lengths": {"mean": 12.0}, "quality": q}
+    ev["task_logppl"] = {"mean": sum(ppl) / len(ppl), "per_example": ppl}
+    return {"b": list(b), "evaluation": ev}
+
+
+def test_helpful_harmless_rows_over_seeds(tmp_path):
+    """Seed means and ranges of the rewards, verdicts seed by seed, and the paired differences (L3M - MM of the
+    same seed, each model - SFT of the same seed) with a t-interval over seeds, from hand-made records."""
+    sys.path.insert(0, str(LENGTH.parent / "helpful_harmless"))
+    import summary
+
+    ev = tmp_path / "evals" / "test"
+    b = (1.0, 1.0)
+    recs = {
+        "initial.json": _reward_ev("initial", [0.0, 0.0], ["violated"] * 2, [3.0, 3.0]),
+        "seed0/sft.json": _reward_ev("SFT", [0.5, 0.5], ["violated"] * 2, [1.0, 1.0]),
+        "seed1/sft.json": _reward_ev("SFT", [0.7, 0.7], ["violated"] * 2, [2.0, 2.0]),
+        "seed0/l3m_P1.json": _reward_ev("L3M@P1", [1.5, 2.0], ["holds", "holds"], [1.2, 1.4], b),
+        "seed1/l3m_P1.json": _reward_ev("L3M@P1", [1.1, 1.2], ["holds", "undecided"], [2.3, 2.5], b),
+        "seed0/mm_P1.json": _reward_ev("MM@P1", [1.0, 1.0], ["undecided", "holds"], [1.0, 1.2], b),
+        "seed1/mm_P1.json": _reward_ev("MM@P1", [1.0, 0.5], ["undecided", "violated"], [2.0, 2.0], b),
+    }
+    for name, rec in recs.items():
+        (ev / name).parent.mkdir(parents=True, exist_ok=True)
+        (ev / name).write_text(json.dumps(rec))
+    out = {"seeds": [0, 1], "axes": ["helpful", "harmless"], "points": [{"name": "P1", "b": list(b)}]}
+    rows = {r["model"]: r for r in summary.summarise(tmp_path, out)["models"]}
+    assert list(rows) == ["initial", "SFT", "L3M@P1", "MM@P1"]
+    l3m = rows["L3M@P1"]
+    assert l3m["rewards"] == pytest.approx([1.3, 1.6]) and l3m["rewards_range"] == [[1.1, 1.5], [1.2, 2.0]]
+    assert l3m["verdicts_per_seed"] == {0: ["holds", "holds"], 1: ["holds", "undecided"]}
+    assert l3m["seeds_meeting_point"] == 1 and rows["MM@P1"]["seeds_violating"] == 1
+    # L3M - MM per seed: seed 0 (0.2 + 0.2) / 2 = 0.2, seed 1 (0.3 + 0.5) / 2 = 0.4; over seeds 0.3 +- 0.1 * 12.706
+    assert l3m["minus_mm_per_seed"][0]["mean"] == pytest.approx(0.2)
+    assert l3m["minus_mm"]["mean"] == pytest.approx(0.3)
+    assert l3m["minus_mm"]["ci95"] == pytest.approx([0.3 - 12.706 * 0.1, 0.3 + 12.706 * 0.1])
+    # the initial model is one model, paired with each seed's SFT: 3 - 1 = 2 and 3 - 2 = 1
+    assert rows["initial"]["minus_sft"]["mean"] == pytest.approx(1.5) and rows["initial"]["seeds"] is None
+    assert "minus_sft" not in rows["SFT"] and "minus_mm" not in rows["MM@P1"]

@@ -2,7 +2,15 @@ import math
 
 import pytest
 
-from l3m.quality import bootstrap_share_ci, distinct_n, ngrams, quality_stats, repeats_ngram, repetition_rate
+from l3m.quality import (
+    bootstrap_share_ci,
+    distinct_n,
+    ngrams,
+    quality_stats,
+    repeats_ngram,
+    repetition_rate,
+    t_interval,
+)
 
 # 4-gram (1, 2, 3, 4) three times, apart: repeats
 THRICE = [1, 2, 3, 4, 9, 1, 2, 3, 4, 8, 1, 2, 3, 4]
@@ -91,3 +99,13 @@ def test_degenerate_cases():
     assert e["n"] == 0 and math.isnan(e["median_length"]) and math.isnan(e["truncated_share"])
     with pytest.raises(ValueError, match="2 truncated flags for 1 responses"):
         quality_stats([[1]], [True, False])
+
+
+def test_t_interval_over_three_seeds_by_hand():
+    """values 1, 2, 3: mean 2, s.e. 1/sqrt(3), t(0.975, 2 df) = 4.303; one value has no interval."""
+    t = t_interval([1.0, 2.0, 3.0])
+    assert t["mean"] == 2.0 and t["se"] == pytest.approx(1 / math.sqrt(3))
+    assert t["ci95"] == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])
+    assert t_interval([0.5])["ci95"] is None and t_interval([]) is None
+    wide = t_interval([0.0, 1.0] * 6 + [0.5])  # 12 degrees of freedom: the quantile of 10 (wider) is used
+    assert wide["ci95"][1] - wide["mean"] == pytest.approx(2.228 * wide["se"])

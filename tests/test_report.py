@@ -182,36 +182,3 @@ def test_barrier_figure_takes_s_power_from_the_runs_configs(tiny_run, tmp_path):
     assert (tmp_path / "own" / "barrier.png").read_bytes() != (tmp_path / "paper" / "barrier.png").read_bytes()
     # an explicit power overrides the runs'
     assert "Dashed" not in make_report([tiny_run], [], tmp_path / "set", barrier_s_power=2.0).read_text()
-
-
-def test_length_experiment_splits_keep_each_prompt_in_one_split():
-    """experiments/length/run.py: disjoint splits of the sizes asked for, records sharing a prompt kept together,
-    the same splits from the same split seed; on the shared data set too, where it is present."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "length" / "run.py"
-    spec = importlib.util.spec_from_file_location("length_experiment", path)
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
-
-    def check(keys, sizes, seed):
-        splits = exp.make_splits(keys, sizes, seed)
-        assert splits == exp.make_splits(keys, sizes, seed)
-        names = list(sizes)
-        assert sorted(i for v in splits.values() for i in v) == list(range(len(keys)))
-        assert all(len(splits[n]) == sizes[n] for n in names[1:])
-        owner = {}
-        for n, idx in splits.items():
-            for i in idx:
-                assert owner.setdefault(keys[i], n) == n, f"prompt {keys[i]!r} in {owner[keys[i]]} and {n}"
-        return splits
-
-    keys = [f"p{i // 3 if i < 30 else i}" for i in range(60)]  # prompts 0-9 three records each, the rest one
-    a = check(keys, {"train": 0, "selection": 12, "test": 9}, seed=0)
-    assert a != check(keys, {"train": 0, "selection": 12, "test": 9}, seed=1)
-    with pytest.raises(ValueError, match="split 'test'"):
-        exp.make_splits(["same"] * 10, {"train": 0, "test": 3}, 0)  # one prompt of 10 records cannot fill 3
-    if exp.DATA.is_file():
-        records = json.loads(exp.DATA.read_text())
-        check([exp.prompt_key(r) for r in records], exp.SPLIT_SIZES, exp.SPLIT_SEED)

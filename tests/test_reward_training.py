@@ -300,8 +300,10 @@ def test_plot_reward_plane_writes_figure_3(tmp_path):
 
 
 @pytest.mark.slow
-def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
-    """experiments/helpful_harmless/run.py --quick end to end, with the tiny model as policy and RM backbone."""
+def test_helpful_harmless_experiment_smoke_seeds_and_resume(tmp_path, tiny_model):
+    """experiments/helpful_harmless/run.py --smoke over two seeds, with the tiny model as policy and RM backbone:
+    the splits, the points from the SFT models' selection rewards, one row per model over seeds, and a second
+    run that reuses everything it can and redoes what a changed point changes."""
     import subprocess
     import sys
     from pathlib import Path
@@ -311,90 +313,55 @@ def test_helpful_harmless_experiment_quick_pipeline(tmp_path, tiny_model):
     if not (SHARED_DATA / "preference").is_dir():
         pytest.skip(f"shared preference data not found at {SHARED_DATA}")
     script = Path(__file__).resolve().parents[1] / "experiments" / "helpful_harmless" / "run.py"
-    run_cmd = [
-        sys.executable,
-        str(script),
-        "--quick",
-        "--model",
-        str(tiny_model),
-        "--rm-model",
-        str(tiny_model),
-        "--results",
-        str(tmp_path / "results"),
-        "--runs",
-        str(tmp_path / "runs"),
-        "--set",
-        "max_prompt_length=200",
-        "--sft-steps",
-        "3",
-        "--mm",
-        "multiplier_lr=0.5",
-    ]
-    proc = subprocess.run(run_cmd, capture_output=True, text=True, timeout=900)
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    run_cmd = [sys.executable, str(script), "--smoke", "--seeds", "0", "1", "--model", str(tiny_model)]
+    run_cmd += ["--rm-model", str(tiny_model), "--results", str(results), "--runs", str(runs)]
+    run_cmd += ["--set", "max_prompt_length=200", "--sft-steps", "3", "--mm", "multiplier_lr=0.5"]
+    proc = subprocess.run(run_cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert [m["method"] for m in res["models"]] == ["SFT", "L3M", "MM"]
-    assert set(res["efficiency"]["P1"]) >= {"l3m_wall_s", "mm_total_wall_s", "l3m_peak_mb", "mm_peak_mb"}
-    assert res["efficiency"]["P1"]["mm_total_wall_s"] > res["efficiency"]["P1"]["mm_wall_s"]  # SFT stage counted
-    assert (tmp_path / "results" / "figure3.png").is_file() and (tmp_path / "results" / "results.md").is_file()
-    mm = [json.loads(x) for x in (tmp_path / "results" / "runs" / "mm_P1" / "metrics.jsonl").read_text().splitlines()]
-    assert any("kl" in r and "constraints/helpful/lambda" in r for r in mm)
-    assert "max_prompt_length=200" in res["settings"]["overrides"]
-    # the harmless reward model is fine-tuned whole from its fitted head, and the constraints use that model
-    stages = json.loads((tmp_path / "results" / "stages.json").read_text())
-    ft = yaml.safe_load((tmp_path / "results" / "configs" / "rm_harmless_ft.yaml").read_text())
-    assert Path(ft["model"]).name == "rm_harmless" and stages["rm_harmless_ft"]["output_dir"].endswith("rm_harmless_ft")
-    l3m = yaml.safe_load((tmp_path / "results" / "configs" / "l3m_P1.yaml").read_text())
+    res = json.loads((results / "results.json").read_text())
+    assert [m["model"] for m in res["models"]] == ["initial", "SFT", "L3M@P1", "MM@P1"]
+    l3m_row = res["models"][2]
+    assert l3m_row["seeds"] == [0, 1] and set(l3m_row["verdicts_per_seed"]) == {"0", "1"}
+    assert l3m_row["minus_mm"]["n"] == 2 and l3m_row["minus_sft"]["ci95"] is not None
+    # the points sit above the SFT models' mean rewards on the selection prompts, in reward standard deviations
+    sel = [json.loads((results / "evals" / "selection" / f"seed{s}" / "sft.json").read_text()) for s in (0, 1)]
+    assert all(e["split"] == "selection" for e in sel)
+    for i, a in enumerate(res["axes"]):
+        mean = sum(next(c["mean_raw"] for c in e["evaluation"]["constraints"] if c["name"] == a) for e in sel) / 2
+        assert res["points"][0]["b"][i] == pytest.approx(mean + 0.25 * res["reward_models"][a]["scale"], abs=1e-3)
+    # every model is scored on the test prompts, with its samples saved
+    test_ev = json.loads((results / "evals" / "test" / "seed1" / "mm_P1.json").read_text())
+    assert test_ev["split"] == "test" and test_ev["b"] == res["points"][0]["b"]
+    assert len(test_ev["evaluation"]["samples"]) == 2 * test_ev["evaluation"]["n_prompts"]
+    splits = json.loads((results / "splits.json").read_text())
+    task = {n: set(v) for n, v in splits["task"].items()}
+    assert not (task["train"] & task["test"] or task["selection"] & task["test"] or task["train"] & task["selection"])
+    assert len(set(splits["prompt_sha256"].values())) == 3
+    # the configs: per seed; the MM starts from (and is held to) its own seed's SFT model; --set and --mm reach them
+    l3m = yaml.safe_load((results / "configs" / "seed1" / "l3m_P1.yaml").read_text())
+    mm = yaml.safe_load((results / "configs" / "seed1" / "mm_P1.yaml").read_text())
+    sft_cfg = yaml.safe_load((results / "configs" / "seed1" / "sft.yaml").read_text())
+    assert mm["model"] == mm["training"]["ref_model"] == sft_cfg["training"]["output_dir"]
+    assert mm["method"] == "minimax" and "method" not in l3m and l3m["training"]["seed"] == 1
+    assert l3m["training"]["max_prompt_length"] == sft_cfg["training"]["max_prompt_length"] == 200
+    assert mm["training"]["multiplier_lr"] == 0.5 and "multiplier_lr" not in l3m["training"]
+    assert sft_cfg["training"]["max_steps"] == 3 and l3m["training"]["max_steps"] == 2
     assert {c["name"]: Path(c["model"]).name for c in l3m["constraints"]}["harmless"] == "rm_harmless_ft"
-    # --set reaches every training run, and the results say so
-    assert l3m["training"]["max_prompt_length"] == 200
-    sft_cfg = yaml.safe_load((tmp_path / "results" / "configs" / "sft.yaml").read_text())
-    assert sft_cfg["training"]["max_prompt_length"] == 200
-    # --mm reaches the MM runs alone
-    mm_cfg = yaml.safe_load((tmp_path / "results" / "configs" / "mm_P1.yaml").read_text())
-    assert mm_cfg["method"] == "minimax" and "method" not in l3m
-    assert mm_cfg["training"]["multiplier_lr"] == 0.5 and "multiplier_lr" not in l3m["training"]
-    assert mm_cfg["training"]["max_prompt_length"] == 200
-    assert res["settings"]["mm"]["multiplier_lr"] == 0.5
-    # the wall-clock breakdown reads the copied metrics
-    cmd = [sys.executable, str(script.parent / "efficiency.py"), str(tmp_path / "results")]
-    eff = subprocess.run(cmd, capture_output=True, text=True)
-    assert eff.returncode == 0, eff.stderr[-3000:]
-    parts = json.loads((tmp_path / "results" / "efficiency.json").read_text())["points"]["P1"]
-    assert parts["l3m"]["steps"] == 2 and 0 < parts["l3m"]["generation_s"] < parts["l3m"]["wall_s"]
-    # the SFT stage has its own length; the L3M and MM runs keep --steps
-    assert res["settings"]["sft_steps"] == 3 and res["settings"]["steps"] == 2
-    # --points-from keeps an earlier run's constraint points whatever this run's SFT rewards are
+    assert (results / "figure3.png").stat().st_size > 10_000 and "L3M@P1" in (results / "results.md").read_text()
+    # a second run with other points: reward models, SFT models and their evaluations are kept, the rest redone
+    stages = json.loads((results / "stages.json").read_text())
     earlier = {"points": [{"name": "P1", "b": [-9.0, -9.0], "delta_in_std": [0.25, 0.25]}]}
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
-    proc = subprocess.run(
-        [*run_cmd, "--resume", "--points-from", str(tmp_path / "earlier.json")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = subprocess.run([*run_cmd, "--points-from", str(tmp_path / "earlier.json")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert res["points"] == earlier["points"] and res["settings"]["points_from"] == str(tmp_path / "earlier.json")
-    assert [m["verdicts"] for m in res["models"] if m["method"] == "L3M"] == [["holds", "holds"]]
-    # evaluate_one.py evaluates a checkpoint as run.py does: on the run's own MM it gives the run's numbers
-    one = [sys.executable, str(script.parent / "evaluate_one.py"), str(tmp_path / "runs" / "mm_P1")]
-    one += [
-        "--results",
-        str(tmp_path / "results"),
-        "--point",
-        "P1",
-        "--name",
-        "MM@P1",
-        "-o",
-        str(tmp_path / "one.json"),
-    ]
-    proc = subprocess.run(one, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    again = json.loads((tmp_path / "one.json").read_text())
-    mm = next(m for m in res["models"] if m["method"] == "MM")
-    assert again["rewards"] == pytest.approx(mm["rewards"]) and again["verdicts"] == mm["verdicts"]
-    assert again["task_logppl"]["mean"] == pytest.approx(mm["task_logppl"]["mean"])
+    again = json.loads((results / "stages.json").read_text())
+    assert all(again[k] == stages[k] for k in ("rm_helpful", "rm_harmless_ft", "seed0/sft", "seed1/sft"))
+    assert again["seed0/l3m_P1"]["process_wall_s"] != stages["seed0/l3m_P1"]["process_wall_s"]
+    res = json.loads((results / "results.json").read_text())
+    assert res["points"] == earlier["points"]
+    assert json.loads((results / "evals" / "test" / "seed0" / "l3m_P1.json").read_text())["b"] == [-9.0, -9.0]
+    assert all(v == ["holds", "holds"] for v in res["models"][2]["verdicts_per_seed"].values())
 
 
 def test_long_pairs_keep_their_ends_or_are_dropped(tiny_model):

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from l3m.data import split_by_key
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -84,28 +85,6 @@ COST = {"initial": 0.0, "sft": 1.0, "l3m_short": 3.0, "l3m_medium": 3.5, "l3m_lo
 
 def prompt_key(record: dict) -> str:
     return f"{record.get('instruction', '')}\n{record.get('input', '')}"
-
-
-def make_splits(keys: list[str], sizes: dict[str, int], seed: int) -> dict[str, list[int]]:
-    """Disjoint index lists, one per split, from a seeded shuffle of the distinct prompts.
-
-    Records that share a prompt (``keys``) go to one split together. The splits are filled in reverse order of
-    ``sizes`` (test, then selection), each up to its size; the first split (train) takes every record left over.
-    """
-    groups: dict[str, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
-    order = list(groups.values())
-    random.Random(seed).shuffle(order)
-    names = list(sizes)
-    out: dict[str, list[int]] = {n: [] for n in names}
-    for g in order:
-        dest = next((n for n in reversed(names[1:]) if len(out[n]) + len(g) <= sizes[n]), names[0])
-        out[dest] += g
-    for n in names[1:]:
-        if len(out[n]) != sizes[n]:
-            raise ValueError(f"split '{n}' holds {len(out[n])} records, not {sizes[n]}")
-    return {n: sorted(v) for n, v in out.items()}
 
 
 def train_constraints(model: str) -> list[dict] | None:
@@ -415,7 +394,7 @@ def prepare(ns: argparse.Namespace, paths: Paths) -> None:
     import yaml
 
     records = json.loads(DATA.read_text())
-    splits = make_splits([prompt_key(r) for r in records], SPLIT_SIZES, SPLIT_SEED)
+    splits = split_by_key([prompt_key(r) for r in records], SPLIT_SIZES, SPLIT_SEED)
     used = dict(splits)
     if ns.smoke:
         used = {n: v[: SMOKE["n_train"] if n == "train" else SMOKE["n_eval"]] for n, v in splits.items()}

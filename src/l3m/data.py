@@ -342,3 +342,26 @@ def split_heldout(examples: list[Example], fraction: float, seed: int = 0) -> tu
     held = sorted(idx[:n_held])
     train = sorted(idx[n_held:])
     return [examples[i] for i in train], [examples[i] for i in held]
+
+
+def split_by_key(keys: list[str], sizes: dict[str, int], seed: int) -> dict[str, list[int]]:
+    """Disjoint index lists, one per split, from a seeded shuffle of the distinct ``keys`` (e.g. prompts).
+
+    Records that share a key go to one split together. The splits are filled in reverse order of ``sizes``
+    (e.g. test, then selection), each up to its size; the first split (train) takes every record left over.
+    Raises ``ValueError`` when a later split cannot be filled to its size exactly.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    names = list(sizes)
+    out: dict[str, list[int]] = {n: [] for n in names}
+    for g in order:
+        dest = next((n for n in reversed(names[1:]) if len(out[n]) + len(g) <= sizes[n]), names[0])
+        out[dest] += g
+    for n in names[1:]:
+        if len(out[n]) != sizes[n]:
+            raise ValueError(f"split '{n}' holds {len(out[n])} records, not {sizes[n]}")
+    return {n: sorted(v) for n, v in out.items()}

@@ -107,3 +107,26 @@ def quality_stats(
         "repetition_rate": repetition_rate(completion_ids, n=4, times=3),
         "distinct_2": distinct_n(completion_ids, n=2),
     }
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (from any t table); beyond 30 the normal's 1.96
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95 |= {15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_interval(values: Sequence[float]) -> dict | None:
+    """Mean of a few values (e.g. one per training seed) with its standard error and 95% Student-t interval.
+
+    ``{"mean", "se", "ci95": [lo, hi], "n"}``; one value has no interval (``se`` NaN, ``ci95`` None), none gives
+    None. Between tabulated degrees of freedom the quantile of the next smaller one is used (wider: conservative).
+    """
+    xs = [float(v) for v in values]
+    if not xs:
+        return None
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return {"mean": m, "se": math.nan, "ci95": None, "n": 1}
+    se = statistics.stdev(xs) / math.sqrt(len(xs))
+    df = len(xs) - 1
+    t = _T95[max(d for d in _T95 if d <= df)] if df <= 30 else 1.96
+    return {"mean": m, "se": se, "ci95": [m - t * se, m + t * se], "n": len(xs)}

@@ -15,6 +15,11 @@
       ]
     }
 
+A model summarised over several training seeds may give, instead of intervals, ``"rewards_range": [[lo, hi],
+[lo, hi]]`` (drawn as its bars), ``"rewards_per_seed": [[r_x, r_y], ...]`` or ``{seed: [r_x, r_y]}`` (drawn faint) and
+``"task_logppl": {"mean": m, "range": [lo, hi]}``; ``results["point_notes"]`` (text per point name, drawn under
+its tick in place of the paired difference) and ``results["spread"]`` (what the bars are, for the titles).
+
 :func:`model_entry` builds a model entry from an :func:`l3m.evaluation.evaluate_model` result.
 """
 
@@ -35,6 +40,7 @@ from l3m.errors import L3MUserError  # noqa: E402
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 METHOD_MARKERS = {"L3M": "o", "MM": "s"}
+FREE_MARKERS, FREE_LINES = ["X", "P", "D"], [":", "-.", "--"]
 
 
 def model_entry(evaluation: Mapping[str, Any], method: str, point: str | None, axes: Sequence[str]) -> dict:
@@ -108,7 +114,7 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
     xs = [p["b"][0] for p in points] + [m["rewards"][0] for m in models]
     ys = [p["b"][1] for p in points] + [m["rewards"][1] for m in models]
     for m in models:
-        for (lo, hi), vals in zip(m.get("rewards_ci95") or [], (xs, ys)):
+        for (lo, hi), vals in zip(m.get("rewards_range") or m.get("rewards_ci95") or [], (xs, ys)):
             vals.extend([lo, hi])
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     x0, x1 = min(xs) - 0.12 * span_x, max(xs) + 0.12 * span_x
@@ -122,16 +128,20 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
         ax.plot([b1, b1], [b2, y1], color=c, lw=1, alpha=0.6)
         ax.plot(b1, b2, marker="*", ms=15, color=c, mec="black", mew=0.6, ls="none", zorder=4)
         ax.annotate(p["name"], (b1, b2), textcoords="offset points", xytext=(-6, -14), fontsize=9, color=c)
+    free = [m.get("model") for m in models if m.get("point") is None]
     for m in models:
         r1, r2 = m["rewards"]
         method = m.get("method", "?")
-        if m.get("point") is None:
-            c, marker = "black", "X"
+        if m.get("point") is None:  # unconstrained models (SFT, the initial model): one marker each
+            c, marker = "black", FREE_MARKERS[free.index(m.get("model")) % len(FREE_MARKERS)]
         else:
             c, marker = color[m["point"]], METHOD_MARKERS.get(method, "D")
             b1, b2 = bpos[m["point"]]
             ax.plot([b1, r1], [b2, r2], color=c, lw=1.2, ls="--" if method == "MM" else "-", alpha=0.8)
-        ci = m.get("rewards_ci95")
+        ci = m.get("rewards_range") or m.get("rewards_ci95")
+        per_seed = m.get("rewards_per_seed") or []
+        for s1, s2 in per_seed.values() if isinstance(per_seed, Mapping) else per_seed:
+            ax.plot(s1, s2, marker=marker, ms=5, color=c, alpha=0.35, ls="none", zorder=3)
         if ci:
             ax.errorbar(
                 r1,
@@ -159,7 +169,8 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
         ylim=(y0, y1),
         xlabel=f"mean {axes[0]} reward",
         ylabel=f"mean {axes[1]} reward",
-        title="Held-out mean rewards against the constraint points",
+        title="Held-out mean rewards against the constraint points"
+        + (f"\n({results['spread']})" if results.get("spread") else ""),
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")  # away from the points: the unconstrained model sits bottom left
@@ -173,11 +184,14 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
             for m in models:
                 if m.get("method") == method and m.get("point") == p["name"] and m.get("task_logppl"):
                     x = i + (j - (len(methods) - 1) / 2) * width
-                    mean, std = m["task_logppl"]["mean"], m["task_logppl"].get("std", 0.0)
+                    mean, spread = m["task_logppl"]["mean"], m["task_logppl"].get("std", 0.0)
+                    if "range" in m["task_logppl"]:
+                        lo, hi = m["task_logppl"]["range"]
+                        spread = [[mean - lo], [hi - mean]]
                     ax2.errorbar(
                         x,
                         mean,
-                        yerr=std,
+                        yerr=spread,
                         marker=METHOD_MARKERS.get(method, "D"),
                         color=color[p["name"]],
                         mec="black",
@@ -199,7 +213,7 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
             ax2.axhline(
                 m["task_logppl"]["mean"],
                 color="black",
-                ls=":",
+                ls=FREE_LINES[free.index(m.get("model")) % len(FREE_LINES)],
                 lw=1,
                 label=f"{m.get('model', 'unconstrained')}: {m['task_logppl']['mean']:.3f}",
             )
@@ -217,9 +231,13 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
             for m in models
             if m.get("point") == p["name"] and m.get("method") in ("L3M", "MM")
         }
-        d = paired_difference(per.get("L3M"), per.get("MM"))
+        note = (results.get("point_notes") or {}).get(p["name"])
+        d = None if note else paired_difference(per.get("L3M"), per.get("MM"))
         paired = paired or bool(d)
-        labels.append(f"{p['name']}\nL3M − MM:\n{d['mean']:+.3f} ± {d['se']:.3f}" if d else p["name"])
+        if note:
+            labels.append(f"{p['name']}\n{note}")
+        else:
+            labels.append(f"{p['name']}\nL3M − MM:\n{d['mean']:+.3f} ± {d['se']:.3f}" if d else p["name"])
     ax2.set_xticks(range(len(points)), labels)
     for tick, p in zip(ax2.get_xticklabels(), points):
         tick.set_color(color[p["name"]])
@@ -227,7 +245,11 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
     ax2.set(
         xlabel="constraint point",
         ylabel="task log-perplexity (nats per response token)",
-        title="Task log-perplexity (mean ± std over held-out examples)"
+        title=(
+            f"Task log-perplexity\n({results['spread']})"
+            if results.get("spread")
+            else "Task log-perplexity (mean ± std over held-out examples)"
+        )
         + ("\nunder each point: paired L3M − MM ± s.e." if paired else ""),
     )
     ax2.grid(axis="y", alpha=0.3)
