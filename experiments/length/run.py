@@ -289,13 +289,14 @@ def markdown(rows: dict, split: str, n_prompts: int | None, k: int | None) -> st
 
 def figures(records: dict[int, dict[str, dict]], initial: dict | None, out_dir: Path) -> list[Path]:
     """``figure2.png`` (lengths as box plots with each model's range; log-perplexity mean ± std) and
-    ``length_histograms.png`` (lengths per model with the range and the sampling cap), seeds pooled."""
+    ``length_histograms.png`` (lengths per model with the range and the sampling cap), seeds pooled;
+    ``figure1.png`` (the relaxed barrier) and ``training_curves.png`` (the first seed's training curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from l3m.report import length_boxes, plot_length_histograms
+    from l3m.report import length_boxes, plot_barrier, plot_length_histograms, plot_training, read_metrics
 
     evs: dict[str, list[dict]] = {}
     for model in MODELS:
@@ -350,7 +351,16 @@ def figures(records: dict[int, dict[str, dict]], initial: dict | None, out_dir: 
         ranges={m: model_range(m) for m in names if model_range(m)},
         title="Response lengths per model (seeds pooled)",
     )
-    return [fig2, hist]
+    # the paper's Figure 1 (the barrier over the run's mu schedule, 1 down to 0.01) and the first seed's curves
+    fig1 = plot_barrier(out_dir / "figure1.png", mus=(1.0, 0.3, 0.1, 0.03, 0.01))
+    seed = min(records) if records else None
+    runs = {m: out_dir / "runs" / f"seed{seed}" / m for m in MODELS[1:]}
+    runs = {m: read_metrics(d) for m, d in runs.items() if (d / "metrics.jsonl").is_file()}
+    if not runs:
+        return [fig2, hist, fig1]
+    ranges = {m: model_range(m) for m in runs if model_range(m)}
+    curves = plot_training(runs, out_dir / "training_curves.png", length_ranges=ranges, title=f"seed {seed}")
+    return [fig2, hist, fig1, curves]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,6 +538,7 @@ def report(paths: Paths, seeds: list[int], smoke: bool, overrides: dict | None =
     page = f"{title}\n\n{markdown(rows, paths.split, n_prompts, k)}"
     if figures(records, initial, paths.results):
         page += "\n![lengths and log-perplexity](figure2.png)\n\n![length histograms](length_histograms.png)\n"
+        page += "\n![training curves](training_curves.png)\n\n![the relaxed barrier](figure1.png)\n"
     (paths.results / "results.md").write_text(page)
     return out
 

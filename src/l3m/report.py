@@ -114,8 +114,10 @@ def plot_training(
     path: str | os.PathLike,
     length_ranges: Mapping[str, Sequence[float]] | None = None,
     averaged: Mapping[str, int] | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Training curves of several runs: task NLL, mean sampled length, C_i, lambda_i, mu.
+    """Training curves of several runs: task NLL, mean sampled length, C_i, lambda_i, mu (``title``: added to
+    the figure's title).
 
     ``length_ranges`` (run name -> [l_min, l_max]) shades each run's length range on the length panel;
     ``averaged`` (run name -> n) marks the last n steps, whose weights the saved model averages (``average_tail``).
@@ -183,7 +185,9 @@ def plot_training(
             ax.legend(fontsize=7, loc="best")
         else:
             ax.text(0.5, 0.5, "no constrained run", ha="center", va="center", transform=ax.transAxes, color="grey")
-    fig.suptitle("Training curves (one colour per run; solid/dashed = first/second constraint)")
+    fig.suptitle(
+        "Training curves (one colour per run; solid/dashed = first/second constraint)" + (f": {title}" if title else "")
+    )
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
