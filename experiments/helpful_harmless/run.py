@@ -335,6 +335,16 @@ def prepare_data(S: dict, smoke: bool, data_dir: Path, results: Path) -> dict:
 # the runs
 
 
+def signature(models: list[str]) -> list:
+    """What identifies the trained models a stage uses: each local model folder with the time its weights were
+    written (a model trained again gets a new one); a hub name stands for itself."""
+    out = []
+    for m in models:
+        files = sorted((REPO / m).glob("*.safetensors")) if (REPO / m).is_dir() else []
+        out.append([m, round(max(f.stat().st_mtime for f in files), 3) if files else None])
+    return out
+
+
 class Runner:
     """Stages with their records (``results/stages.json``) and evaluations (``results/evals/``); thread-safe."""
 
@@ -349,13 +359,15 @@ class Runner:
             self.stages[name] = rec
             self.file.write_text(json.dumps(self.stages, indent=1, default=float))
 
-    def train(self, name: str, kind: str, cfg: dict) -> dict:
-        """Train (or resume, or reuse) one model; ``name`` is ``seed0/l3m_P1``-like."""
+    def train(self, name: str, kind: str, cfg: dict, uses: list[str] = ()) -> dict:
+        """Train (or resume, or reuse) one model; ``name`` is ``seed0/l3m_P1``-like. A finished model is reused
+        when its config and the models it ``uses`` (folders: its start, reference and reward models) are the
+        ones it was trained with."""
         import yaml
 
         out = REPO / cfg["training"]["output_dir"]
         done = self.stages.get(name)
-        if done and done.get("config") == cfg and out.is_dir():
+        if done and done.get("config") == cfg and done.get("uses") == signature(uses) and out.is_dir():
             return done
         # an unfinished run resumes from its checkpoint; a finished one with another config is trained again
         checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() and not done else []
@@ -370,15 +382,15 @@ class Runner:
             f"# {name}: written by experiments/helpful_harmless/run.py. From the repository root:\n"
             f"#   {cmd} {rel(cfg_path)}\n" + yaml.safe_dump(cfg, sort_keys=False)
         )
-        args = ["training.resume_from_checkpoint=true"] if checkpoints and kind == "train" else []
+        resume = bool(checkpoints) and kind == "train"
         spec = cfg_path
-        if args:  # a resumed run: the same config with the resume flag
+        if resume:  # the same config with the resume flag
             spec = self.runs / "logs" / f"{name.replace('/', '_')}_resume.yaml"
             spec.parent.mkdir(parents=True, exist_ok=True)
             spec.write_text(yaml.safe_dump({**cfg, "training": {**cfg["training"], "resume_from_checkpoint": True}}))
-        print(f"== {name}: {cmd} {rel(cfg_path)}{' (resuming)' if args else ''}", flush=True)
+        print(f"== {name}: {cmd} {rel(cfg_path)}{' (resuming)' if resume else ''}", flush=True)
         rec = run_child(kind, spec, self.runs / "logs" / f"{name.replace('/', '_')}.log", self.threads)
-        rec.update(output_dir=rel(out), resumed=bool(args), config=cfg)  # a resumed run: its last segment's time
+        rec.update(output_dir=rel(out), resumed=resume, config=cfg, uses=signature(uses))  # resumed: the last part
         for c in out.glob("checkpoint-*"):  # only needed to resume
             shutil.rmtree(c)
         for f in ("metrics.jsonl", "summary.json", "reward_eval.json"):
@@ -393,9 +405,10 @@ class Runner:
     def evaluate(self, record: str, model: str, name: str, split: str, b: list[float], ctx: dict) -> dict:
         """Evaluate ``model`` on a split against the point ``b`` (saved as ``results/evals/<record>.json``)."""
         path = self.results / "evals" / f"{record}.json"
-        if path.is_file():  # kept when it evaluated the same model against the same point
+        uses = signature([model, *ctx["rms"].values()])
+        if path.is_file():  # kept when it evaluated the same model against the same point with the same rewards
             kept = json.loads(path.read_text())
-            if kept.get("b") == b and kept.get("model_path") == model:
+            if kept.get("b") == b and kept.get("model_path") == model and kept.get("uses") == uses:
                 return kept
         tag = record.replace("/", "_")
         spec = {
@@ -415,7 +428,8 @@ class Runner:
         print(f"== evaluating {name} on the {split} prompts", flush=True)
         rec = run_child("eval", spec_file, self.runs / "logs" / f"eval_{tag}.log", self.threads)
         ev = json.loads(Path(spec["output"]).read_text())
-        out = {"model": name, "model_path": model, "split": split, "b": b, "eval_s": rec["wall_s"], "evaluation": ev}
+        out = {"model": name, "model_path": model, "split": split, "b": b, "uses": uses, "eval_s": rec["wall_s"]}
+        out["evaluation"] = ev
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1, default=float) + "\n")
         return out
@@ -468,7 +482,7 @@ def reward_models(ns, S: dict, runner: Runner) -> tuple[dict, dict]:
                         "disable_tqdm": True,
                     },
                 }
-                rec = runner.train(f"rm_{axis}_ft", "reward", ft_cfg)
+                rec = runner.train(f"rm_{axis}_ft", "reward", ft_cfg, [rec["output_dir"]])
             path = REPO / rec["output_dir"]
         paths[axis] = rel(path)
         info[axis] = json.loads((path / "reward_eval.json").read_text())["heldout"]
@@ -621,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
             sft_dir = runner.stages[f"seed{seed}/sft"]["output_dir"]
             training = {**base, **mm_settings, "ref_model": sft_dir, "seed": seed, "output_dir": out_dir}
             cfg = {"method": "minimax", "model": sft_dir, **common, "training": training}
-        rec = runner.train(f"seed{seed}/{kind}_{pt['name']}", "train", cfg)
+        uses = [cfg["model"], *rms.values()] + ([cfg["training"]["ref_model"]] if kind == "mm" else [])
+        rec = runner.train(f"seed{seed}/{kind}_{pt['name']}", "train", cfg, uses)
         name = f"{kind.upper()}@{pt['name']}"
         return runner.evaluate(f"test/seed{seed}/{kind}_{pt['name']}", rec["output_dir"], name, "test", pt["b"], ctx)
 
