@@ -193,7 +193,7 @@ def test_summary_pairs_each_model_with_the_sft_model_of_its_own_seed():
     assert rows["initial"]["minus_sft"]["mean"] == pytest.approx(1.5)
     assert rows["sft"]["minus_sft"] is None and rows["sft"]["verdicts_per_seed"] == {"0": {}, "1": {}}
     md = length_run.markdown(rows, "test", 3, 2)
-    assert "| l3m_short | [3, 10] | 2 | 6.5 |" in md and "| H·U H·H |" in md and "+0.200 ± 0.100" in md
+    assert "| l3m_short | [3, 10] | 2 | 6.5 |" in md and "| H·U, H·H |" in md and "+0.200 ± 0.100" in md
     assert "| l3m_short | 1 | 6.0 | +0.300 ± 0.000 |" in md
 
 

@@ -266,7 +266,8 @@ def markdown(rows: dict, split: str, n_prompts: int | None, k: int | None) -> st
     ]
     for model, r in rows.items():
         rng = f"[{r['range'][0]}, {r['range'][1]}]" if r["range"] else "—"
-        v = " ".join("·".join(_V.get(vs.get(b), "?") for b in r["bounds"]) for vs in r["verdicts_per_seed"].values())
+        v = ", ".join("·".join(_V.get(vs.get(b), "?") for b in r["bounds"]) for vs in r["verdicts_per_seed"].values())
+        v = v if r["bounds"] else ""
         d = r["minus_sft"]
         delta = f"{d['mean']:+.3f} ± {d['se']:.3f}" if d else "—"
         n = "—" if model == "initial" else len(r["seeds"])  # the initial model is not trained: one evaluation
