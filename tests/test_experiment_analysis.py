@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l3m.data import split_by_key
+from l3m.data import load_examples, split_by_key
 
 LENGTH = Path(__file__).resolve().parents[1] / "experiments" / "length"
 sys.path.insert(0, str(LENGTH))
@@ -79,10 +79,10 @@ def test_paired_difference_of_two_models_on_the_same_references():
     from l3m.evaluation import paired_difference
 
     se = math.sqrt(((0.5 - 7 / 6) ** 2 + (1 - 7 / 6) ** 2 + (2 - 7 / 6) ** 2) / 2 / 3)
-    for fn in (paired_difference, length_run.paired):
-        d = fn([1.0, 2.0, 4.0], [0.5, 1.0, 2.0])  # differences 0.5, 1, 2: mean 7/6
-        assert d["mean"] == pytest.approx(7 / 6) and d["se"] == pytest.approx(se) and d["n"] == 3
-        assert fn([1.0], [2.0]) is None and fn(None, [1.0]) is None and fn([1.0, 2.0], [1.0]) is None
+    d = paired_difference([1.0, 2.0, 4.0], [0.5, 1.0, 2.0])  # differences 0.5, 1, 2: mean 7/6
+    assert d["mean"] == pytest.approx(7 / 6) and d["se"] == pytest.approx(se) and d["n"] == 3
+    fn = paired_difference
+    assert fn([1.0], [2.0]) is None and fn(None, [1.0]) is None and fn([1.0, 2.0], [1.0]) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,14 +92,15 @@ def test_paired_difference_of_two_models_on_the_same_references():
 def test_length_experiment_splits_of_the_real_data():
     if not length_run.DATA.is_file():
         pytest.skip(f"the shared data set {length_run.DATA} is absent (see ../shared/data/README.md)")
-    records = json.loads(length_run.DATA.read_text())
-    keys = [length_run.prompt_key(r) for r in records]
+    keys = [e.prompt_text for e in load_examples(length_run.DATA)]
     s = split_by_key(keys, length_run.SPLIT_SIZES, length_run.SPLIT_SEED)
     assert [len(s[n]) for n in ("train", "selection", "test")] == [800, 150, 150]
     prompts = {n: {keys[i] for i in v} for n, v in s.items()}
     assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["selection"]
     assert not prompts["selection"] & prompts["test"]
     assert s == split_by_key(keys, length_run.SPLIT_SIZES, length_run.SPLIT_SEED)
+    committed = json.loads((LENGTH / "results" / "splits.json").read_text())  # the splits the results were made on
+    assert all(s[n] == committed[n] for n in s)
 
 
 def test_length_experiment_configs_differ_only_in_their_constraints():

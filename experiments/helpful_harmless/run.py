@@ -158,10 +158,6 @@ def rel(path: str | Path) -> str:
     return os.path.relpath(p, REPO) if p.is_relative_to(REPO.parent) else str(p)
 
 
-def prompt_key(record: dict) -> str:
-    return f"{record.get('instruction', '')}\n{record.get('input', '')}"
-
-
 def _digest(texts: list[str]) -> str:
     return hashlib.sha256("\n\x00".join(sorted(texts)).encode()).hexdigest()[:16]
 
@@ -170,8 +166,9 @@ def _digest(texts: list[str]) -> str:
 # child processes: one training or evaluation each, timed, with its peak memory
 
 
-def child(kind: str, spec: str, out_json: str) -> int:
-    """Run one training (``spec``: a config) or one evaluation (``spec``: a JSON spec) in this process."""
+def child(kind: str, spec: str, out_json: str, *overrides: str) -> int:
+    """Run one training (``spec``: a config, with ``overrides`` as ``l3m train`` takes them) or one evaluation
+    (``spec``: a JSON spec) in this process."""
     import torch
 
     if not torch.cuda.is_available():
@@ -180,12 +177,12 @@ def child(kind: str, spec: str, out_json: str) -> int:
     if kind == "reward":
         from l3m.reward_training import run_train_reward
 
-        summary = run_train_reward(spec, [], quiet=True)
+        summary = run_train_reward(spec, list(overrides), quiet=True)
         extra = {"heldout": summary.get("heldout"), "steps": summary["steps"]}
     elif kind == "train":
         from l3m.cli import run_train
 
-        summary = run_train(spec, [], quiet=True)
+        summary = run_train(spec, list(overrides), quiet=True)
         extra = {"steps": summary["steps"]}
     else:
         extra = {}
@@ -196,7 +193,7 @@ def child(kind: str, spec: str, out_json: str) -> int:
     return 0
 
 
-def run_child(kind: str, spec: Path, log: Path, threads: int) -> dict:
+def run_child(kind: str, spec: Path, log: Path, threads: int, overrides: list[str] = ()) -> dict:
     """The child's record, plus the process's wall clock and peak RSS (from ``wait4``). Raises on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     out_json = log.with_suffix(".json")
@@ -204,7 +201,7 @@ def run_child(kind: str, spec: Path, log: Path, threads: int) -> dict:
     env["TOKENIZERS_PARALLELISM"] = "false"
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        cmd = [sys.executable, __file__, "_child", kind, str(spec), str(out_json)]
+        cmd = [sys.executable, __file__, "_child", kind, str(spec), str(out_json), *overrides]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -294,7 +291,7 @@ def prepare_data(S: dict, smoke: bool, data_dir: Path, results: Path) -> dict:
     from l3m.data import load_examples, split_by_key
 
     records = json.loads(TASK_DATA.read_text())
-    task = split_by_key([prompt_key(r) for r in records], TASK_SPLIT, SPLIT_SEED)
+    task = split_by_key([e.prompt_text for e in load_examples(TASK_DATA)], TASK_SPLIT, SPLIT_SEED)
     if smoke:
         task = {n: v[: S["n_train"] if n == "train" else S["eval"]["n_refs"]] for n, v in task.items()}
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -383,13 +380,9 @@ class Runner:
             f"#   {cmd} {rel(cfg_path)}\n" + yaml.safe_dump(cfg, sort_keys=False)
         )
         resume = bool(checkpoints) and kind == "train"
-        spec = cfg_path
-        if resume:  # the same config with the resume flag
-            spec = self.runs / "logs" / f"{name.replace('/', '_')}_resume.yaml"
-            spec.parent.mkdir(parents=True, exist_ok=True)
-            spec.write_text(yaml.safe_dump({**cfg, "training": {**cfg["training"], "resume_from_checkpoint": True}}))
-        print(f"== {name}: {cmd} {rel(cfg_path)}{' (resuming)' if resume else ''}", flush=True)
-        rec = run_child(kind, spec, self.runs / "logs" / f"{name.replace('/', '_')}.log", self.threads)
+        overrides = ["training.resume_from_checkpoint=true"] if resume else []
+        print(f"== {name}: {cmd} {rel(cfg_path)} {' '.join(overrides)}", flush=True)
+        rec = run_child(kind, cfg_path, self.runs / "logs" / f"{name.replace('/', '_')}.log", self.threads, overrides)
         rec.update(output_dir=rel(out), resumed=resume, config=cfg, uses=signature(uses))  # resumed: the last part
         for c in out.glob("checkpoint-*"):  # only needed to resume
             shutil.rmtree(c)
@@ -408,7 +401,7 @@ class Runner:
         uses = signature([model, *ctx["rms"].values()])
         if path.is_file():  # kept when it evaluated the same model against the same point with the same rewards
             kept = json.loads(path.read_text())
-            if kept.get("b") == b and kept.get("model_path") == model and kept.get("uses") == uses:
+            if kept.get("b") == b and kept.get("uses") == uses:  # `uses` names the model too
                 return kept
         tag = record.replace("/", "_")
         spec = {
@@ -514,7 +507,7 @@ def parse_sets(p: argparse.ArgumentParser, items: list[str], allowed: set | None
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
-        return child(*argv[1:4])
+        return child(*argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; smoke: 0)")
     p.add_argument("--jobs", type=int, default=1, help="trainings and evaluations side by side (default 1)")
@@ -536,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.jobs < 1:
         p.error(f"--jobs must be at least 1, got {ns.jobs}")
+    if ns.sft_steps not in (None, "epoch") and not str(ns.sft_steps).isdigit():
+        p.error(f"--sft-steps expects a number of steps or 'epoch', got {ns.sft_steps!r}")
     ns.seeds = ns.seeds if ns.seeds is not None else ([0] if ns.smoke else [0, 1, 2])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = Path(ns.results or (Path("/tmp/l3m_hh_smoke") if ns.smoke else HERE / "results")).resolve()
@@ -596,8 +591,6 @@ def main(argv: list[str] | None = None) -> int:
         rec = runner.train(f"seed{seed}/sft", "train", {"model": ns.model, "data": data_cfg, "training": training})
         return runner.evaluate(f"selection/seed{seed}/sft", rec["output_dir"], "SFT", "selection", [0.0, 0.0], ctx)
 
-    if ns.sft_steps not in (None, "epoch") and not str(ns.sft_steps).isdigit():
-        p.error(f"--sft-steps expects a number of steps or 'epoch', got {ns.sft_steps!r}")
     sft_sel = pool([(s,) for s in ns.seeds], sft_job)
 
     # 4: the constraint points

@@ -43,13 +43,12 @@ def _sampling_s_per_step(results: Path, name: str) -> float | None:
 
 
 def _paired_over_seeds(recs: dict, others: dict) -> tuple[dict, dict | None]:
-    """Per seed, the log-perplexity of ``recs[seed]`` minus that of ``others[seed]`` (a saved record) paired over
-    the same references; and their mean over seeds with a t-interval."""
+    """Per seed, the log-perplexity of ``recs[seed]`` minus that of ``others[seed]`` (evaluations) paired over the
+    same references; and their mean over seeds with a t-interval."""
     d = {}
     for s, ev in recs.items():
         if others.get(s):
-            x = ev["task_logppl"]["per_example"]
-            d[s] = paired_difference(x, others[s]["evaluation"]["task_logppl"]["per_example"])
+            d[s] = paired_difference(ev["task_logppl"]["per_example"], others[s]["task_logppl"]["per_example"])
     d = {s: x for s, x in d.items() if x}
     return d, t_interval([x["mean"] for x in d.values()])
 
@@ -63,14 +62,14 @@ def summarise(results: Path, out: dict) -> dict:
     """``{"models": [row per model], "efficiency": {point: ...}}`` from the records of ``out["seeds"]``."""
     seeds, axes, stages = out["seeds"], out["axes"], _load(results / "stages.json") or {}
     evals = results / "evals" / "test"
-    sft = {s: _load(evals / f"seed{s}" / "sft.json") for s in seeds}
+    initial = _load(evals / "initial.json")  # one model, paired with each seed's SFT
+    saved = {}  # record stem -> {seed: evaluation}, each file read once
+    for *_, stem in labels(out["points"]):
+        by_seed = {s: initial if stem == "initial" else _load(evals / f"seed{s}" / f"{stem}.json") for s in seeds}
+        saved[stem] = {s: r["evaluation"] for s, r in by_seed.items() if r}
     rows = []
     for label, method, point, stem in labels(out["points"]):
-        if method == "initial":
-            recs = {s: _load(evals / "initial.json") for s in seeds}  # one model, paired with each seed's SFT
-        else:
-            recs = {s: _load(evals / f"seed{s}" / f"{stem}.json") for s in seeds}
-        recs = {s: r["evaluation"] for s, r in recs.items() if r}
+        recs = saved[stem]
         if not recs:
             continue
         per_axis = []
@@ -105,10 +104,9 @@ def summarise(results: Path, out: dict) -> dict:
             row["seeds_meeting_point"] = sum(all(v == "holds" for v in vs) for vs in row["verdicts_per_seed"].values())
             row["seeds_violating"] = sum(any(v == "violated" for v in vs) for vs in row["verdicts_per_seed"].values())
         if method != "SFT":
-            row["minus_sft_per_seed"], row["minus_sft"] = _paired_over_seeds(recs, sft)
+            row["minus_sft_per_seed"], row["minus_sft"] = _paired_over_seeds(recs, saved["sft"])
         if method == "L3M":
-            mm = {s: _load(evals / f"seed{s}" / f"mm_{point}.json") for s in recs}
-            row["minus_mm_per_seed"], row["minus_mm"] = _paired_over_seeds(recs, mm)
+            row["minus_mm_per_seed"], row["minus_mm"] = _paired_over_seeds(recs, saved[f"mm_{point}"])
         if method in ("SFT", "L3M", "MM"):
             st = [stages.get(f"seed{s}/{stem}") for s in recs]
             st = [x for x in st if x]

@@ -37,7 +37,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from l3m.data import split_by_key
+from l3m.data import load_examples, split_by_key
+from l3m.evaluation import paired_difference
+from l3m.quality import t_interval
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -81,10 +83,6 @@ COST = {"initial": 0.0, "sft": 1.0, "l3m_short": 3.0, "l3m_medium": 3.5, "l3m_lo
 
 # ----------------------------------------------------------------------------------------------
 # splits and configs
-
-
-def prompt_key(record: dict) -> str:
-    return f"{record.get('instruction', '')}\n{record.get('input', '')}"
 
 
 def train_constraints(model: str) -> list[dict] | None:
@@ -146,14 +144,6 @@ def rel(path: Path) -> str:
 # the table
 
 
-def paired(a: list[float] | None, b: list[float] | None) -> dict | None:
-    """Mean of a - b over the same references with its standard error (None without two paired values)."""
-    if not a or not b or len(a) != len(b) or len(a) < 2:
-        return None
-    d = [x - y for x, y in zip(a, b)]
-    return {"mean": statistics.fmean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d)}
-
-
 def _find(ev: dict, *names: str):
     """The first of ``names`` found in the evaluation's ``quality`` block, at its top level or in ``lengths``."""
     for where in (ev.get("quality") or {}, ev, ev.get("lengths") or {}):
@@ -211,11 +201,13 @@ def summarise(records: dict[int, dict[str, dict]], initial: dict | None = None) 
         for s, ev in evs.items():
             sft = (records[s].get("sft") or {}).get("evaluation")
             if model != "sft" and sft:
-                diffs[s] = paired(ev["task_logppl"].get("per_example"), sft["task_logppl"].get("per_example"))
+                diffs[s] = paired_difference(
+                    ev["task_logppl"].get("per_example"), sft["task_logppl"].get("per_example")
+                )
         diffs = {s: d for s, d in diffs.items() if d}
         means = [d["mean"] for d in diffs.values()]
         if len(means) >= 2:  # the spread over seeds: training noise and the references' noise together
-            delta = {"mean": statistics.fmean(means), "se": statistics.stdev(means) / math.sqrt(len(means))}
+            delta = t_interval(means)
         elif means:
             delta = {"mean": means[0], "se": next(iter(diffs.values()))["se"]}
         else:
@@ -405,7 +397,7 @@ def prepare(ns: argparse.Namespace, paths: Paths) -> None:
     import yaml
 
     records = json.loads(DATA.read_text())
-    splits = split_by_key([prompt_key(r) for r in records], SPLIT_SIZES, SPLIT_SEED)
+    splits = split_by_key([e.prompt_text for e in load_examples(DATA)], SPLIT_SIZES, SPLIT_SEED)
     used = dict(splits)
     if ns.smoke:
         used = {n: v[: SMOKE["n_train"] if n == "train" else SMOKE["n_eval"]] for n, v in splits.items()}
