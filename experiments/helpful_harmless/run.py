@@ -661,6 +661,8 @@ def write_report(results: Path) -> int:
     sys.path.insert(0, str(HERE))
     import summary as report
 
+    if not (results / "results.json").is_file():
+        sys.exit(f"--report-only: {results / 'results.json'} is missing: a finished run writes it")
     out = json.loads((results / "results.json").read_text())
     out.update(report.summarise(results, out))
     (results / "results.json").write_text(json.dumps(out, indent=1, default=float) + "\n")

@@ -596,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(m, None) for m in ns.models if m == "initial"]
     jobs += [(m, s) for s in ns.seeds for m in ns.models if m != "initial"]
     jobs.sort(key=lambda j: -COST[j[0]])
-    threads = max(1, (os.cpu_count() or 1) // ns.jobs)
+    # torch threads per child: the cores divided by the jobs, unless L3M_THREADS says otherwise
+    threads = int(os.environ.get("L3M_THREADS") or max(1, (os.cpu_count() or 1) // ns.jobs))
     t0 = time.time()
     failed = []
     with ThreadPoolExecutor(ns.jobs) as pool:
