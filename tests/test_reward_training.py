@@ -1,4 +1,5 @@
 import json
+import math
 import random
 
 import pytest
@@ -280,6 +281,12 @@ def test_plot_reward_plane_writes_figure_3(tmp_path):
                     "task_logppl": {"mean": 1.0 + 0.1 * i, "std": 0.2},
                 }
             )
+    # one model over seeds whose mean lies an ulp outside its range (the initial model: one evaluation, every seed)
+    r = [math.nextafter(0.2, 0.0), math.nextafter(-0.1, 0.0)]
+    models.append(
+        {"model": "initial", "method": "initial", "point": None, "rewards": r}
+        | {"rewards_range": [[0.2, 0.2], [-0.1, -0.1]]}
+    )
     results = {"axes": ["helpful", "harmless"], "points": points, "models": models}
     out = plot_reward_plane(results, tmp_path / "fig" / "figure3.png")
     img = matplotlib.image.imread(out)

@@ -129,9 +129,13 @@ def summarise(results: Path, out: dict) -> dict:
                 "l3m_mem_gib": _gib(l3m),
                 "mm_mem_gib": _gib(mm),
             }
-    notes = {r["point"]: f"L3M − MM:\n{_interval(r['minus_mm'])}" for r in rows if r.get("minus_mm")}
+    # the run's cost: every stage's wall clock added up (what one job takes; with --jobs N, about 1/N of it)
+    train_s = sum(x["wall_s"] for x in stages.values())
+    eval_s = sum(_load(f).get("eval_s") or 0.0 for f in (results / "evals").rglob("*.json"))
+    notes = {r["point"]: "L3M − MM:\n" + _interval(r["minus_mm"]).replace(" [", "\n[") for r in rows if "minus_mm" in r}
     spread = f"seed means over {len(seeds)} seed(s); bars: range over seeds"
-    return {"models": rows, "efficiency": eff, "point_notes": notes, "spread": spread}
+    cost = {"trainings_min": train_s / 60, "evaluations_min": eval_s / 60, "total_min": (train_s + eval_s) / 60}
+    return {"models": rows, "efficiency": eff, "point_notes": notes, "spread": spread, "stages_wall_clock": cost}
 
 
 def _gib(row: dict) -> float | None:
@@ -141,6 +145,16 @@ def _gib(row: dict) -> float | None:
 
 def _f(x, fmt: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _cost(out: dict) -> str:
+    c = out.get("stages_wall_clock")
+    if not c:
+        return "—"
+    return (
+        f"every stage added up {c['total_min']:.0f} min ({c['trainings_min']:.0f} training, "
+        f"{c['evaluations_min']:.0f} evaluating)"
+    )
 
 
 def _pm(d: dict | None) -> str:
@@ -164,8 +178,8 @@ def markdown(out: dict) -> str:
         lines += ["**Smoke run: a few steps per stage; these numbers are not results.**", ""]
     lines += [
         f"Device: {out['device']}; seeds {', '.join(map(str, out['seeds']))}; {s['steps']} optimiser steps per SFT, "
-        f"L3M and MM run; {out['jobs']} job(s) side by side; wall clock {out['wall_clock_s'] / 60:.1f} min "
-        "(this command's run; stages reused from an interrupted run are not in it).",
+        f"L3M and MM run. Wall clock: {_cost(out)}; this command ({out['jobs']} job(s) side by side) "
+        f"{out['wall_clock_s'] / 60:.1f} min, without the stages it found done.",
         "",
         "| reward model | held-out pairs | pairwise accuracy [95% CI] | reward std (= constraint scale) |",
         "|---|---|---|---|",

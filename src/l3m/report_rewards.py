@@ -146,8 +146,9 @@ def plot_reward_plane(results: Mapping[str, Any], out_png: str | os.PathLike) ->
             ax.errorbar(
                 r1,
                 r2,
-                xerr=[[r1 - ci[0][0]], [ci[0][1] - r1]],
-                yerr=[[r2 - ci[1][0]], [ci[1][1] - r2]],
+                # max(0, ·): a mean of equal values can differ from them in the last bit
+                xerr=[[max(0.0, r1 - ci[0][0])], [max(0.0, ci[0][1] - r1)]],
+                yerr=[[max(0.0, r2 - ci[1][0])], [max(0.0, ci[1][1] - r2)]],
                 color=c,
                 alpha=0.45,
                 lw=1,
