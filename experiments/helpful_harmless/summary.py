@@ -61,11 +61,13 @@ def _mean(xs) -> float | None:
 def summarise(results: Path, out: dict) -> dict:
     """``{"models": [row per model], "efficiency": {point: ...}}`` from the records of ``out["seeds"]``."""
     seeds, axes, stages = out["seeds"], out["axes"], _load(results / "stages.json") or {}
+    loaded = {f: _load(f) for f in (results / "evals").rglob("*.json")}  # every saved evaluation, each read once
     evals = results / "evals" / "test"
-    initial = _load(evals / "initial.json")  # one model, paired with each seed's SFT
-    saved = {}  # record stem -> {seed: evaluation}, each file read once
+    saved = {}  # record stem -> {seed: evaluation}; the initial model: one evaluation, paired with each seed's SFT
     for *_, stem in labels(out["points"]):
-        by_seed = {s: initial if stem == "initial" else _load(evals / f"seed{s}" / f"{stem}.json") for s in seeds}
+        by_seed = {
+            s: loaded.get(evals / ("initial.json" if stem == "initial" else f"seed{s}/{stem}.json")) for s in seeds
+        }
         saved[stem] = {s: r["evaluation"] for s, r in by_seed.items() if r}
     rows = []
     for label, method, point, stem in labels(out["points"]):
@@ -131,8 +133,10 @@ def summarise(results: Path, out: dict) -> dict:
             }
     # the run's cost: every stage's wall clock added up (what one job takes; with --jobs N, about 1/N of it)
     train_s = sum(x["wall_s"] for x in stages.values())
-    eval_s = sum(_load(f).get("eval_s") or 0.0 for f in (results / "evals").rglob("*.json"))
-    notes = {r["point"]: "L3M − MM:\n" + _interval(r["minus_mm"]).replace(" [", "\n[") for r in rows if "minus_mm" in r}
+    eval_s = sum(r.get("eval_s") or 0.0 for r in loaded.values())
+    notes = {
+        r["point"]: "L3M − MM:\n" + _interval(r["minus_mm"]).replace(" [", "\n[") for r in rows if r.get("minus_mm")
+    }
     spread = f"seed means over {len(seeds)} seed(s); bars: range over seeds"
     cost = {"trainings_min": train_s / 60, "evaluations_min": eval_s / 60, "total_min": (train_s + eval_s) / 60}
     return {"models": rows, "efficiency": eff, "point_notes": notes, "spread": spread, "stages_wall_clock": cost}
